@@ -80,11 +80,34 @@ def hash_u32(index: tirx.PrimExpr, seed: tirx.PrimExpr, salt: int) -> tirx.PrimE
     return h
 
 
-def keep_scale(index: tirx.PrimExpr, seed: tirx.PrimExpr, salt: int, p: float, dtype: str) -> tirx.PrimExpr:
-    """Inverted-dropout factor for one element: 1/(1-p) if kept, else 0. Requires 0 < p < 1."""
+def _enable_flag(seed):
+    """If `seed` reads element 0 of a seed tensor of shape (2,), the load of element 1 (the
+    dropout on/off flag); else None. Lets one compiled stage train (flag 1) and evaluate (flag 0)."""
+    if hasattr(seed, "tensor") and hasattr(seed, "indices"):       # te: seed_tensor[0]
+        t = seed.tensor
+        if len(t.shape) == 1 and int(t.shape[0]) >= 2:
+            return t[1], seed.asobject()
+        return None, seed.asobject()
+    if isinstance(seed, tirx.BufferLoad):                            # TIR: seed_buffer[0]
+        b = seed.buffer
+        if len(b.shape) == 1 and int(b.shape[0]) >= 2:
+            return tirx.BufferLoad(b, [tirx.const(1, "int32")]), seed
+    return None, seed
+
+
+def keep_scale(index: tirx.PrimExpr, seed, salt: int, p: float, dtype: str) -> tirx.PrimExpr:
+    """Inverted-dropout factor for one element: 1/(1-p) if kept, else 0. Requires 0 < p < 1.
+
+    Pass `seed` as `seed_tensor[0]` where seed_tensor is the stage's int64 (2,) seed input
+    (seed, dropout on/off): with the flag 0 the factor is exactly 1 (evaluation, gradient checks).
+    """
+    flag, seed = _enable_flag(seed)
     threshold = _u32(min(int(p * 4294967296.0), 0xFFFFFFFF))
     kept = hash_u32(index, seed, salt) >= threshold
-    return tirx.Select(kept, const(1.0 / (1.0 - p), dtype), const(0.0, dtype))
+    factor = tirx.Select(kept, const(1.0 / (1.0 - p), dtype), const(0.0, dtype))
+    if flag is not None:
+        factor = tirx.Select(flag != tirx.const(0, "int64"), factor, const(1.0, dtype))
+    return factor
 
 
 def keep_mask_numpy(n: int, seed: int, salt: int, p: float):

@@ -1,0 +1,158 @@
+"""Compile stages into bundles: IRModule -> tvm.compile -> export_library + params + manifest.
+
+Compiled libraries are cached by a key over everything that determines the code (stage spec, model
+dims, target, kernel configs, compiler sources, TVM version), so re-running a job or re-deploying
+after training reuses them; only the parameter file changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from compiler.arch import Arch
+from compiler.model_spec import ModelDims, StageSpec, stage_params
+from edgert.artifact import (
+    ACCUMULATE, LIB_FILE, MANIFEST_FILE, OPTIMIZER_STEP, PARAMS_FILE, STAGE_BACKWARD, STAGE_FORWARD,
+    Manifest, TensorMeta, sha256_file,
+)
+from edgert.errors import ArtifactError, ModelError
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).resolve().parent
+
+
+def compiler_hash() -> str:
+    """sha256 over the compiler's own sources: a change to any kernel invalidates cached builds."""
+    h = hashlib.sha256()
+    for p in sorted(_SRC.rglob("*.py")):
+        h.update(p.relative_to(_SRC).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGERT_CACHE", Path.home() / ".cache" / "edgert"))
+
+
+def _target_record(arch: Arch) -> dict:
+    flags = []
+    if arch.name == "host" and arch.vector_bits == 512:
+        flags = ["avx512f"]
+    elif arch.name == "host" and arch.vector_bits == 256:
+        flags = ["avx2"]
+    return {"preset": arch.name, "kind": arch.kind, "tvm": arch.target, "host": arch.host,
+            "elf_machine": arch.elf_machine, "vector_bits": arch.vector_bits, "threads": arch.threads,
+            "cpu_flags": flags}
+
+
+def _relax_pipeline(arch: Arch) -> str:
+    """CPU kernels arrive scheduled; for GPU targets TVM's "default" pipeline applies dlight's GPU
+    rules to our (unscheduled) kernels and binds them to OpenCL work-groups."""
+    return "default"
+
+
+def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = "float32",
+                  configs: dict | None = None, use_cache: bool = True) -> tuple[Path, dict]:
+    """Compile one stage's library; returns (path to the .so in the cache, build info)."""
+    import tvm
+
+    from compiler.stage import StageGraph
+
+    key_src = json.dumps({"dims": asdict(dims), "spec": asdict(spec), "target": _target_record(arch),
+                          "dtype": dtype, "configs": configs or {}, "compiler": compiler_hash(),
+                          "tvm": tvm.__version__}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+    out = cache_dir() / "libs" / key
+    lib, info_path = out / LIB_FILE, out / "build.json"
+    if use_cache and lib.is_file() and info_path.is_file():
+        return lib, json.loads(info_path.read_text())
+    t0 = time.perf_counter()
+    g = StageGraph(dims, spec, arch, dtype, configs)
+    mod = g.build(optimizer=True)
+    t1 = time.perf_counter()
+    ex = tvm.compile(mod, target=arch.tvm_target(), relax_pipeline=_relax_pipeline(arch))
+    t2 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (LIB_FILE + ".tmp.so")
+    if arch.cross_cc:
+        ex.export_library(str(tmp), cc=arch.cross_cc)
+    else:
+        ex.export_library(str(tmp))
+    os.replace(tmp, lib)
+    t3 = time.perf_counter()
+    info = {"saved": [[n, [int(x) for x in t.shape.values] if hasattr(t.shape, "values") else
+                       [int(x) for x in t.shape], str(t.dtype)] for n, t in
+                      zip(g.saved_names, g._saved_types, strict=True)],
+            "kernels": len(g.E.kernels), "kernel_keys": g.E.kernels,
+            "seconds": {"graph": t1 - t0, "compile": t2 - t1, "export": t3 - t2}}
+    info_path.write_text(json.dumps(info))
+    log.info("stage %d compiled: %d kernels, %.1fs build + %.1fs export", spec.index,
+             info["kernels"], t2 - t0, t3 - t2)
+    return lib, info
+
+
+def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec: StageSpec, arch: Arch,
+                 params: dict[str, np.ndarray], model_id: str, checkpoint_sha256: str,
+                 dtype: str = "float32") -> Manifest:
+    """Assemble a bundle directory (see edgert/artifact.py) from a compiled library and parameters."""
+    import tvm
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = stage_params(spec, dims)
+    missing = [n for n, _ in names if n not in params]
+    if missing:
+        raise ModelError(f"stage {spec.index} needs parameters the model does not have: {missing[:4]}")
+    for n, shape in names:
+        if tuple(params[n].shape) != tuple(shape):
+            raise ModelError(f"parameter {n} has shape {params[n].shape}, the stage expects {shape}")
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)   # a half-written bundle never looks valid
+    shutil.copyfile(lib, out_dir / LIB_FILE)
+    save_file({n: np.ascontiguousarray(params[n], dtype=dtype) for n, _ in names},
+              str(out_dir / PARAMS_FILE))
+    B, T, D = spec.batch, spec.seq, dims.hidden
+    data = []
+    if spec.has_embeddings:
+        data += [TensorMeta("input_ids", (B, T), "int64"), TensorMeta("token_type_ids", (B, T), "int64")]
+    else:
+        data.append(TensorMeta("hidden", (B * T, D), dtype))
+    data.append(TensorMeta("attention_mask", (B, T), "int64"))
+    if spec.has_head:
+        data.append(TensorMeta("labels", (B,), "int64"))
+    outs = ([TensorMeta("loss", (1,), dtype), TensorMeta("logits", (B, dims.num_labels), dtype)]
+            if spec.has_head else [TensorMeta("hidden", (B * T, D), dtype)])
+    m = Manifest(
+        model_id=model_id, checkpoint_sha256=checkpoint_sha256, dims=asdict(dims), stage=asdict(spec),
+        target=_target_record(arch), tvm_version=tvm.__version__, compiler_hash=compiler_hash(),
+        dtype=dtype, data_inputs=tuple(data), outputs=tuple(outs),
+        saved=tuple(TensorMeta(n, tuple(s), d) for n, s, d in info["saved"]),
+        params=tuple(TensorMeta(n, tuple(s), dtype) for n, s in names),
+        entries=(STAGE_FORWARD, STAGE_BACKWARD) + ((OPTIMIZER_STEP, ACCUMULATE) if arch.is_cpu else ()),
+        files={LIB_FILE: sha256_file(out_dir / LIB_FILE), PARAMS_FILE: sha256_file(out_dir / PARAMS_FILE)},
+        kernels=int(info["kernels"]), compile_seconds=float(sum(info["seconds"].values())),
+    )
+    (out_dir / MANIFEST_FILE).write_text(m.to_json(), encoding="utf-8")
+    return m
+
+
+def build_bundle(out_dir: Path, dims: ModelDims, spec: StageSpec, arch: Arch,
+                 params: dict[str, np.ndarray], model_id: str, checkpoint_sha256: str, *,
+                 dtype: str = "float32", configs: dict | None = None) -> Manifest:
+    """Compile (or reuse) a stage's library and write its bundle."""
+    try:
+        lib, info = compile_stage(dims, spec, arch, dtype=dtype, configs=configs)
+    except ArtifactError:
+        raise
+    return write_bundle(out_dir, lib=lib, info=info, dims=dims, spec=spec, arch=arch, params=params,
+                        model_id=model_id, checkpoint_sha256=checkpoint_sha256, dtype=dtype)

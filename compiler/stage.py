@@ -1,0 +1,349 @@
+"""Relax graph of one pipeline stage: forward, backward, optimizer and gradient accumulation.
+
+Every op is a call into a kernel of `compiler/kernels/` (scheduled by us for CPUs, by dlight for GPUs).
+The backward is written out op by op (each op's VJP is a kernel checked against finite differences in
+tests/integration/test_kernels_*.py), and the forward *saves* the activations the backward needs
+instead of recomputing them, as a training framework does: Relax's `Gradient` pass recomputes the whole
+forward inside the backward (+33% FLOPs) and emits unfused transposes (see docs/compiler.md).
+
+Entry points (names fixed in `edgert.artifact`):
+
+  stage_forward(*data, seed, *params)            -> (out, *saved)        out = hidden [B*T, D]
+                                                  -> (loss, logits, *saved) on the last stage
+  stage_backward(*saved, dout, seed, *params)    -> (dhidden, *grads)    no dhidden on the first stage
+                                                    (dout is the loss scale [1] on the last stage)
+  optimizer_step(*params, *grads, *m, *v, hyper) -> params, m, v updated in place (AdamW)
+  grad_accumulate(*acc, *grads)                  -> acc += grads, in place
+
+data = (input_ids, token_type_ids) on the first stage, else (hidden,); then attention_mask; then
+labels on the last stage. Dropout masks come from a counter hash of (seed, site, index): the same seed
+given to forward and backward reproduces them (see compiler/kernels/common.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+from compiler.arch import Arch
+from compiler.kernels import attention, elementwise, embed, gemm, inplace, loss, norm
+from compiler.model_spec import ModelDims, StageSpec, stage_params
+from edgert.artifact import ACCUMULATE, OPTIMIZER_STEP, STAGE_BACKWARD, STAGE_FORWARD
+
+
+def _tt(shape, dtype="float32"):
+    return relax.TensorType([int(s) for s in shape], dtype)
+
+
+@dataclass
+class Emitter:
+    """Adds each distinct kernel to the module once and emits `call_tir`s to it."""
+
+    bb: relax.BlockBuilder
+    arch: Arch
+    dtype: str
+    configs: dict[str, dict] = field(default_factory=dict)  # tuned schedule knobs by workload key
+    _gv: dict[str, relax.GlobalVar] = field(default_factory=dict)
+    _fn: dict[str, tvm.tirx.PrimFunc] = field(default_factory=dict)
+    kernels: list[str] = field(default_factory=list)
+
+    def kernel(self, builder, *args, **kw):
+        key = builder.__module__.rsplit(".", 1)[-1] + "." + builder.__name__ + repr((args, sorted(kw.items())))
+        if key not in self._gv:
+            cfg = self.configs.get(key)
+            extra = {"config": cfg} if cfg is not None else {}
+            f = builder(*args, dtype=self.dtype, arch=self.arch, **kw, **extra)
+            name = f"k{len(self._gv)}_{builder.__name__.removeprefix('build_')}"
+            self._gv[key] = self.bb.add_func(f, name)
+            self._fn[key] = f
+            self.kernels.append(key)
+        return key
+
+    def call(self, key: str, args: list, n_out: int = 1) -> list[relax.Expr]:
+        f = self._fn[key]
+        bufs = [f.buffer_map[p] for p in f.params[len(f.params) - n_out:]]
+        outs = [_tt(b.shape, str(b.dtype)) for b in bufs]
+        v = self.bb.emit(relax.call_tir(self._gv[key], args, outs if n_out > 1 else outs[0]))
+        if n_out == 1:
+            return [v]
+        return [self.bb.emit(relax.TupleGetItem(v, i)) for i in range(n_out)]
+
+    def __call__(self, builder, args: list, *bargs, n_out: int = 1, **kw) -> list[relax.Expr]:
+        return self.call(self.kernel(builder, *bargs, **kw), args, n_out)
+
+    def inplace(self, builder, args: list, idx: list[int], *bargs, **kw) -> list[relax.Expr]:
+        key = self.kernel(builder, *bargs, **kw)
+        outs = [args[i].ty for i in idx]
+        v = self.bb.emit(relax.call_tir_inplace(self._gv[key], args, idx, outs if len(idx) > 1 else outs[0]))
+        if len(idx) == 1:
+            return [v]
+        return [self.bb.emit(relax.TupleGetItem(v, i)) for i in range(len(idx))]
+
+
+def _salt(layer: int, site: int) -> int:
+    """A distinct dropout stream per site: layers 0.., embeddings -1, head -2."""
+    return (layer + 2) * 8 + site
+
+
+class StageGraph:
+    """Builds the IRModule of one stage (see the module docstring for the entry points)."""
+
+    def __init__(self, dims: ModelDims, spec: StageSpec, arch: Arch, dtype: str = "float32",
+                 configs: dict[str, dict] | None = None):
+        self.d, self.s, self.arch, self.dtype = dims, spec, arch, dtype
+        self.M = spec.batch * spec.seq
+        self.p_h = dims.hidden_dropout if spec.dropout else 0.0
+        self.p_a = dims.attn_dropout if spec.dropout else 0.0
+        self.params = stage_params(spec, dims)
+        self.bb = relax.BlockBuilder()
+        self.E = Emitter(self.bb, arch, dtype, configs or {})
+        self.saved_names: list[str] = []
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def data_vars(self) -> list[relax.Var]:
+        s, d, B, T = self.s, self.d, self.s.batch, self.s.seq
+        vs = []
+        if s.has_embeddings:
+            vs += [relax.Var("input_ids", _tt((B, T), "int64")),
+                   relax.Var("token_type_ids", _tt((B, T), "int64"))]
+        else:
+            vs.append(relax.Var("hidden", _tt((B * T, d.hidden), self.dtype)))
+        vs.append(relax.Var("attention_mask", _tt((B, T), "int64")))
+        if s.has_head:
+            vs.append(relax.Var("labels", _tt((B,), "int64")))
+        return vs
+
+    def param_vars(self, prefix: str = "") -> list[relax.Var]:
+        return [relax.Var(prefix + n.replace(".", "_"), _tt(shape, self.dtype)) for n, shape in self.params]
+
+    # ---- forward --------------------------------------------------------------------------
+    def _layer_fwd(self, x, maskf, seed, P, li):
+        E, d, M, dt = self.E, self.d, self.M, self.dtype
+        B, T, D, F = self.s.batch, self.s.seq, d.hidden, d.ffn
+        (qkv,) = E(gemm.build_gemm, [x, P["attention.self.qkv.weight"], P["attention.self.qkv.bias"]],
+                   M, 3 * D, D, trans_b=True, bias=True)
+        ctx, probs = E(attention.build_attention_fwd, [qkv, maskf, seed], B, T, d.heads, d.head_dim,
+                       n_out=2, dropout=self.p_a, salt=_salt(li, 0))
+        (proj,) = E(gemm.build_gemm, [ctx, P["attention.output.dense.weight"],
+                                      P["attention.output.dense.bias"]], M, D, D, trans_b=True, bias=True)
+        h1, xhat1, rstd1 = E(norm.build_layernorm_fwd,
+                             [proj, x, P["attention.output.LayerNorm.weight"],
+                              P["attention.output.LayerNorm.bias"], seed],
+                             M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_h, salt=_salt(li, 1))
+        (u,) = E(gemm.build_gemm, [h1, P["intermediate.dense.weight"], P["intermediate.dense.bias"]],
+                 M, F, D, trans_b=True, bias=True)
+        (g,) = E(elementwise.build_gelu, [u], M, F)
+        (z,) = E(gemm.build_gemm, [g, P["output.dense.weight"], P["output.dense.bias"]],
+                 M, D, F, trans_b=True, bias=True)
+        h2, xhat2, rstd2 = E(norm.build_layernorm_fwd,
+                             [z, h1, P["output.LayerNorm.weight"], P["output.LayerNorm.bias"], seed],
+                             M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_h, salt=_salt(li, 2))
+        del dt
+        saved = dict(x=x, qkv=qkv, probs=probs, ctx=ctx, xhat1=xhat1, rstd1=rstd1, h1=h1, u=u, g=g,
+                     xhat2=xhat2, rstd2=rstd2)
+        return h2, saved
+
+    def _embed_fwd(self, ids, tt, seed, P):
+        E, d, M = self.E, self.d, self.M
+        B, T, D = self.s.batch, self.s.seq, d.hidden
+        (s,) = E(embed.build_embed_fwd, [ids, tt, P["embeddings.word_embeddings.weight"],
+                                         P["embeddings.position_embeddings.weight"],
+                                         P["embeddings.token_type_embeddings.weight"]],
+                 B, T, d.vocab, D, d.max_pos, d.type_vocab)
+        y, xhat, rstd = E(norm.build_layernorm_fwd, [s, P["embeddings.LayerNorm.weight"],
+                                                     P["embeddings.LayerNorm.bias"], seed],
+                          M, D, n_out=3, eps=d.eps, residual=False, dropout=0.0, salt=0)
+        if self.p_h > 0:
+            (y,) = E(elementwise.build_dropout, [y, seed], M, D, p=self.p_h, salt=_salt(-1, 0))
+        return y, dict(ids=ids, tt=tt, xhat=xhat, rstd=rstd)
+
+    def _head_fwd(self, h, labels, seed, P):
+        E, d = self.E, self.d
+        B, T, D, C = self.s.batch, self.s.seq, d.hidden, d.num_labels
+        (cls,) = E(elementwise.build_take_rows, [h], B, T, D)
+        (pre,) = E(gemm.build_gemm, [cls, P["pooler.dense.weight"], P["pooler.dense.bias"]],
+                   B, D, D, trans_b=True, bias=True)
+        (pooled,) = E(elementwise.build_tanh_fwd, [pre], B, D)
+        pooled_d = pooled
+        if self.p_h > 0:
+            (pooled_d,) = E(elementwise.build_dropout, [pooled, seed], B, D, p=self.p_h, salt=_salt(-2, 0))
+        (logits,) = E(gemm.build_gemm, [pooled_d, P["classifier.weight"], P["classifier.bias"]],
+                      B, C, D, trans_b=True, bias=True)
+        lossv, probs = E(loss.build_xent_fwd, [logits, labels], B, C, n_out=2)
+        return lossv, logits, dict(cls=cls, pooled=pooled, pooled_d=pooled_d, probs=probs, labels=labels)
+
+    def build_forward(self):
+        bb, s = self.bb, self.s
+        data = self.data_vars()
+        seed = relax.Var("seed", _tt((2,), "int64"))
+        pv = self.param_vars()
+        P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
+        with bb.function(STAGE_FORWARD, [*data, seed, *pv]):
+            with bb.dataflow():
+                it = iter(data)
+                if s.has_embeddings:
+                    ids, tt = next(it), next(it)
+                else:
+                    h = next(it)
+                mask = next(it)
+                labels = next(it) if s.has_head else None
+                maskf = bb.emit(relax.op.astype(mask, self.dtype))
+                saved: list[tuple[str, relax.Expr]] = [("maskf", maskf)]
+                if s.has_embeddings:
+                    h, sv = self._embed_fwd(ids, tt, seed, {k: v for k, v in P.items()})
+                    saved += [(f"emb.{k}", v) for k, v in sv.items()]
+                for li in range(s.first, s.last):
+                    pre = f"encoder.layer.{li}."
+                    LP = {k[len(pre):]: v for k, v in P.items() if k.startswith(pre)}
+                    h, sv = self._layer_fwd(h, maskf, seed, LP, li)
+                    saved += [(f"layer{li}.{k}", v) for k, v in sv.items()]
+                if s.has_head:
+                    lossv, logits, sv = self._head_fwd(h, labels, seed, P)
+                    saved += [(f"head.{k}", v) for k, v in sv.items()]
+                    outs = [lossv, logits]
+                else:
+                    outs = [h]
+                self.saved_names = [n for n, _ in saved]
+                o = bb.emit_output(relax.Tuple(outs + [v for _, v in saved]))
+            bb.emit_func_output(o)
+        self._saved_types = [v.ty for _, v in saved]
+
+    # ---- backward -------------------------------------------------------------------------
+    def _layer_bwd(self, dh2, S, seed, P, G, li):
+        E, d, M = self.E, self.d, self.M
+        B, T, D, F = self.s.batch, self.s.seq, d.hidden, d.ffn
+        o = E(norm.build_layernorm_bwd, [dh2, S["xhat2"], S["rstd2"], P["output.LayerNorm.weight"], seed],
+              M, D, n_out=4 if self.p_h > 0 else 3, dropout=self.p_h, salt=_salt(li, 2))
+        ds2, G["output.LayerNorm.weight"], G["output.LayerNorm.bias"] = o[:3]
+        dz = o[3] if self.p_h > 0 else ds2
+        (G["output.dense.weight"],) = E(gemm.build_gemm, [dz, S["g"]], D, F, M, trans_a=True)
+        (G["output.dense.bias"],) = E(elementwise.build_bias_grad, [dz], M, D)
+        (du,) = E(gemm.build_gemm, [dz, P["output.dense.weight"], S["u"]], M, F, D, epilogue="gelu_grad")
+        (G["intermediate.dense.weight"],) = E(gemm.build_gemm, [du, S["h1"]], F, D, M, trans_a=True)
+        (G["intermediate.dense.bias"],) = E(elementwise.build_bias_grad, [du], M, F)
+        (dh1,) = E(gemm.build_gemm, [du, P["intermediate.dense.weight"], ds2], M, D, F, epilogue="add")
+        o = E(norm.build_layernorm_bwd, [dh1, S["xhat1"], S["rstd1"],
+                                         P["attention.output.LayerNorm.weight"], seed],
+              M, D, n_out=4 if self.p_h > 0 else 3, dropout=self.p_h, salt=_salt(li, 1))
+        ds1, G["attention.output.LayerNorm.weight"], G["attention.output.LayerNorm.bias"] = o[:3]
+        dproj = o[3] if self.p_h > 0 else ds1
+        (G["attention.output.dense.weight"],) = E(gemm.build_gemm, [dproj, S["ctx"]], D, D, M, trans_a=True)
+        (G["attention.output.dense.bias"],) = E(elementwise.build_bias_grad, [dproj], M, D)
+        (dctx,) = E(gemm.build_gemm, [dproj, P["attention.output.dense.weight"]], M, D, D)
+        (dqkv,) = E(attention.build_attention_bwd, [S["qkv"], S["probs"], dctx, seed],
+                    B, T, d.heads, d.head_dim, dropout=self.p_a, salt=_salt(li, 0))
+        (G["attention.self.qkv.weight"],) = E(gemm.build_gemm, [dqkv, S["x"]], 3 * D, D, M, trans_a=True)
+        (G["attention.self.qkv.bias"],) = E(elementwise.build_bias_grad, [dqkv], M, 3 * D)
+        (dx,) = E(gemm.build_gemm, [dqkv, P["attention.self.qkv.weight"], ds1], M, D, 3 * D, epilogue="add")
+        return dx
+
+    def _embed_bwd(self, dy, S, seed, P, G):
+        E, d, M = self.E, self.d, self.M
+        B, T, D = self.s.batch, self.s.seq, d.hidden
+        if self.p_h > 0:
+            (dy,) = E(elementwise.build_dropout, [dy, seed], M, D, p=self.p_h, salt=_salt(-1, 0))
+        ds, G["embeddings.LayerNorm.weight"], G["embeddings.LayerNorm.bias"] = E(
+            norm.build_layernorm_bwd, [dy, S["xhat"], S["rstd"], P["embeddings.LayerNorm.weight"], seed],
+            M, D, n_out=3, dropout=0.0, salt=0)
+        (G["embeddings.word_embeddings.weight"], G["embeddings.position_embeddings.weight"],
+         G["embeddings.token_type_embeddings.weight"]) = E(
+            embed.build_embed_bwd, [S["ids"], S["tt"], ds], B, T, d.vocab, D, d.max_pos, d.type_vocab,
+            n_out=3)
+
+    def _head_bwd(self, scale, S, seed, P, G):
+        E, d = self.E, self.d
+        B, T, D, C = self.s.batch, self.s.seq, d.hidden, d.num_labels
+        (dlogits,) = E(loss.build_xent_bwd, [S["probs"], S["labels"], scale], B, C)
+        (G["classifier.weight"],) = E(gemm.build_gemm, [dlogits, S["pooled_d"]], C, D, B, trans_a=True)
+        (G["classifier.bias"],) = E(elementwise.build_bias_grad, [dlogits], B, C)
+        (dpooled,) = E(gemm.build_gemm, [dlogits, P["classifier.weight"]], B, D, C)
+        if self.p_h > 0:
+            (dpooled,) = E(elementwise.build_dropout, [dpooled, seed], B, D, p=self.p_h, salt=_salt(-2, 0))
+        (dpre,) = E(elementwise.build_tanh_bwd, [dpooled, S["pooled"]], B, D)
+        (G["pooler.dense.weight"],) = E(gemm.build_gemm, [dpre, S["cls"]], D, D, B, trans_a=True)
+        (G["pooler.dense.bias"],) = E(elementwise.build_bias_grad, [dpre], B, D)
+        (dcls,) = E(gemm.build_gemm, [dpre, P["pooler.dense.weight"]], B, D, D)
+        (dh,) = E(elementwise.build_scatter_rows_bwd, [dcls], B, T, D)
+        return dh
+
+    def build_backward(self):
+        bb, s, d = self.bb, self.s, self.d
+        saved_vars = [relax.Var("s_" + n.replace(".", "_"), t)
+                      for n, t in zip(self.saved_names, self._saved_types, strict=True)]
+        if s.has_head:
+            dout = relax.Var("loss_scale", _tt((1,), self.dtype))
+        else:
+            dout = relax.Var("dhidden", _tt((self.M, d.hidden), self.dtype))
+        seed = relax.Var("seed", _tt((2,), "int64"))
+        pv = self.param_vars()
+        P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
+        SV = dict(zip(self.saved_names, saved_vars, strict=True))
+        G: dict[str, relax.Expr] = {}
+        with bb.function(STAGE_BACKWARD, [*saved_vars, dout, seed, *pv]):
+            with bb.dataflow():
+                if s.has_head:
+                    S = {k[5:]: v for k, v in SV.items() if k.startswith("head.")}
+                    dh = self._head_bwd(dout, S, seed, P, G)
+                else:
+                    dh = dout
+                for li in reversed(range(s.first, s.last)):
+                    pre = f"encoder.layer.{li}."
+                    LP = {k[len(pre):]: v for k, v in P.items() if k.startswith(pre)}
+                    LG: dict[str, relax.Expr] = {}
+                    S = {k.split(".", 1)[1]: v for k, v in SV.items() if k.startswith(f"layer{li}.")}
+                    dh = self._layer_bwd(dh, S, seed, LP, LG, li)
+                    G.update({pre + k: v for k, v in LG.items()})
+                if s.has_embeddings:
+                    S = {k[4:]: v for k, v in SV.items() if k.startswith("emb.")}
+                    self._embed_bwd(dh, S, seed, P, G)
+                grads = [G[n] for n, _ in self.params]
+                outs = grads if s.has_embeddings else [dh, *grads]
+                o = bb.emit_output(relax.Tuple(outs))
+            bb.emit_func_output(o)
+
+    # ---- optimizer ------------------------------------------------------------------------
+    def _flat(self, v, n):
+        return self.bb.emit(relax.op.reshape(v, (n,)))
+
+    def build_optimizer(self):
+        bb, E = self.bb, self.E
+        params, grads = self.param_vars("p_"), self.param_vars("g_")
+        ms, vs = self.param_vars("m_"), self.param_vars("v_")
+        hyper = relax.Var("hyper", _tt((8,), self.dtype))
+        with bb.function(OPTIMIZER_STEP, [*params, *grads, *ms, *vs, hyper]):
+            with bb.dataflow():
+                outs = []
+                for (_, shape), p, g, m, v in zip(self.params, params, grads, ms, vs, strict=True):
+                    n = math.prod(shape)
+                    flat = [self._flat(t, n) for t in (p, g, m, v)]
+                    r = E.inplace(inplace.build_adamw_inplace, [*flat, hyper], [0, 2, 3], n)
+                    outs.append(r)
+                newp = [bb.emit(relax.op.reshape(r[0], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
+                newm = [bb.emit(relax.op.reshape(r[1], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
+                newv = [bb.emit(relax.op.reshape(r[2], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
+                o = bb.emit_output(relax.Tuple([*newp, *newm, *newv]))
+            bb.emit_func_output(o)
+
+    def build_accumulate(self):
+        bb, E = self.bb, self.E
+        accs, grads = self.param_vars("a_"), self.param_vars("g_")
+        with bb.function(ACCUMULATE, [*accs, *grads]):
+            with bb.dataflow():
+                outs = []
+                for (_, shape), a, g in zip(self.params, accs, grads, strict=True):
+                    n = math.prod(shape)
+                    (r,) = E.inplace(inplace.build_accumulate_inplace, [self._flat(a, n), self._flat(g, n)], [0], n)
+                    outs.append(bb.emit(relax.op.reshape(r, shape)))
+                o = bb.emit_output(relax.Tuple(outs))
+            bb.emit_func_output(o)
+
+    def build(self, optimizer: bool = True) -> tvm.IRModule:
+        self.build_forward()
+        self.build_backward()
+        if optimizer and self.arch.is_cpu:
+            self.build_optimizer()
+            self.build_accumulate()
+        return self.bb.get()

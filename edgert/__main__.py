@@ -1,0 +1,6 @@
+"""`python -m edgert ...` = the `edgert` command."""
+import sys
+
+from edgert.cli import main
+
+sys.exit(main())

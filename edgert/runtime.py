@@ -1,0 +1,160 @@
+"""Run a stage bundle with TVM's runtime alone: `tvm_ffi` + `libtvm_runtime.so`, never the compiler.
+
+`import tvm` maps the whole compiler (~190 MiB RSS); a board does not need it. This module loads the
+exported Relax VM executable through the runtime library and calls its entry points with tensors
+shared with numpy through DLPack (zero copy).
+
+[Note: torch and tvm_ffi] `tvm_ffi` imports torch when it is installed (+180 MiB). A board has no
+torch, but a test host does; `load_runtime()` blocks that import in board processes (`block_torch`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgert.artifact import LIB_FILE, PARAMS_FILE, Manifest, load_manifest
+from edgert.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+_ALIGN = 64   # TVM kernels assume 64-byte aligned buffers; misaligned DLPack input segfaults
+_rt = None
+
+
+def _runtime_lib() -> Path:
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ArtifactError("TVM's runtime is not installed: pip install apache-tvm==0.27.0.post1 "
+                            "apache-tvm-ffi==0.1.14.post1 (or run scripts/setup.sh)")
+    lib = Path(spec.submodule_search_locations[0]) / "lib" / "libtvm_runtime.so"
+    if not lib.is_file():
+        raise ArtifactError(f"{lib} is missing: reinstall apache-tvm")
+    return lib
+
+
+def load_runtime(threads: int | None = None, block_torch: bool = False):
+    """Load tvm_ffi and libtvm_runtime once; returns the tvm_ffi module."""
+    global _rt
+    if _rt is not None:
+        return _rt
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    if block_torch and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # see [Note: torch and tvm_ffi]
+    import tvm_ffi
+
+    if "tvm" not in sys.modules:  # the full `tvm` package, if imported, has loaded it already
+        ctypes.CDLL(str(_runtime_lib()), mode=ctypes.RTLD_GLOBAL)
+    _rt = tvm_ffi
+    return _rt
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous, 64-byte aligned copy of `a` (or `a` itself if it already is one)."""
+    if a.flags.c_contiguous and a.ctypes.data % _ALIGN == 0:
+        return a
+    buf = np.empty(a.nbytes + _ALIGN, dtype=np.uint8)
+    off = (-buf.ctypes.data) % _ALIGN
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def to_dev(a: np.ndarray):
+    """numpy -> runtime tensor sharing memory (the tensor keeps the array alive)."""
+    return _rt.from_dlpack(aligned(np.asarray(a)))
+
+
+def to_np(t) -> np.ndarray:
+    """runtime tensor -> numpy view (zero copy)."""
+    return np.from_dlpack(t)
+
+
+class TvmStage:
+    """One loaded stage bundle: parameters resident, entry points callable.
+
+    Examples
+    --------
+    >>> st = TvmStage.load("build/bundles/stage0")           # doctest: +SKIP
+    >>> out, saved = st.forward([ids, types, mask], seed=1)  # doctest: +SKIP
+    """
+
+    def __init__(self, manifest: Manifest, vm, params: list):
+        self.manifest = manifest
+        self._vm = vm
+        self.params = params          # runtime tensors, manifest.params order
+        self._fns = {name: vm[name] for name in manifest.entries}
+
+    @classmethod
+    def load(cls, bundle: Path | str, *, threads: int | None = None, verify: bool = True,
+             block_torch: bool = False) -> TvmStage:
+        bundle = Path(bundle)
+        m = load_manifest(bundle, verify=verify)
+        rt = load_runtime(threads, block_torch=block_torch)
+        try:
+            mod = rt.load_module(str(bundle / LIB_FILE))
+            vm = mod["vm_load_executable"]()
+            vm["vm_initialization"](1, 0, 2)  # kDLCPU, device 0, pooled allocator
+        except Exception as e:  # noqa: BLE001 - TVM raises its own error types
+            raise ArtifactError(f"{bundle}/{LIB_FILE} could not be loaded by the TVM runtime ({e}); "
+                                f"recompile the bundle for this board") from e
+        from safetensors.numpy import load_file
+
+        try:
+            arrays = load_file(str(bundle / PARAMS_FILE))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise ArtifactError(f"{bundle}/{PARAMS_FILE} is unreadable ({e}); re-deploy the bundle") from e
+        params = []
+        for t in m.params:
+            a = arrays.get(t.name)
+            if a is None or tuple(a.shape) != t.shape:
+                raise ArtifactError(f"{bundle}/{PARAMS_FILE}: tensor {t.name} missing or of shape "
+                                    f"{None if a is None else a.shape}, manifest says {t.shape}")
+            params.append(to_dev(a))
+        return cls(m, vm, params)
+
+    # ---- entry points -----------------------------------------------------------------------
+    def forward(self, data: list, seed: np.ndarray):
+        """Returns (outputs, saved): outputs = [hidden] or [loss, logits] on the last stage."""
+        m = self.manifest
+        for meta, a in zip(m.data_inputs, data, strict=True):
+            if isinstance(a, np.ndarray) and (a.shape != meta.shape or a.dtype != np.dtype(meta.dtype)):
+                raise ArtifactError(
+                    f"stage {m.index}: input {meta.name} has shape {a.shape} {a.dtype}, the bundle "
+                    f"was compiled for {meta.shape} {meta.dtype}; pad/truncate the batch or recompile")
+        args = [to_dev(a) if isinstance(a, np.ndarray) else a for a in data]
+        r = self._fns["stage_forward"](*args, to_dev(seed), *self.params)
+        n_out = len(m.outputs)
+        return list(r[:n_out]), list(r[n_out:])
+
+    def backward(self, saved: list, dout, seed: np.ndarray):
+        """Returns (dinput or None, grads)."""
+        if isinstance(dout, np.ndarray):
+            dout = to_dev(dout)
+        r = self._fns["stage_backward"](*saved, dout, to_dev(seed), *self.params)
+        r = list(r)
+        if self.manifest.is_first:
+            return None, r
+        return r[0], r[1:]
+
+    def zeros_like_params(self) -> list:
+        return [to_dev(np.zeros(t.shape, t.dtype)) for t in self.manifest.params]
+
+    def accumulate(self, acc: list, grads: list) -> list:
+        return list(self._fns["grad_accumulate"](*acc, *grads))
+
+    def optimizer_step(self, grads: list, m: list, v: list, hyper: np.ndarray) -> None:
+        """AdamW in place on params, m and v."""
+        self._fns["optimizer_step"](*self.params, *grads, *m, *v, to_dev(hyper.astype(self.manifest.dtype)))
+
+    def params_numpy(self) -> dict[str, np.ndarray]:
+        return {t.name: to_np(p).copy() for t, p in zip(self.manifest.params, self.params, strict=True)}
+
+    def set_params(self, arrays: dict[str, np.ndarray]) -> None:
+        self.params = [to_dev(np.ascontiguousarray(arrays[t.name], dtype=t.dtype)) for t in self.manifest.params]
