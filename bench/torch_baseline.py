@@ -36,7 +36,7 @@ class FlopCount:
 
     layer:           one encoder layer (QKV + attention scores + context + output proj + FFN)
     layer_attention: of which the two attention matmuls (QK^T and PV)
-    model:           all layers + pooler + classifier (embedding gathers and elementwise ops excluded)
+    model:           all layers + pooler + classifier (gathers and elementwise ops excluded)
     """
 
     batch_size: int
@@ -68,9 +68,9 @@ def count_flops(config: BertConfig | Any, B: int, T: int, num_labels: int = 2) -
     """
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = B * T
-    proj = 4 * 2 * tokens * h * h           # Q, K, V, attention output
-    attn = 2 * (2 * B * T * T * h)          # QK^T and PV, summed over heads (heads * dh = h)
-    ffn = 2 * (2 * tokens * h * i)          # intermediate and output dense
+    proj = 4 * 2 * tokens * h * h  # Q, K, V, attention output
+    attn = 2 * (2 * B * T * T * h)  # QK^T and PV, summed over heads (heads * dh = h)
+    ffn = 2 * (2 * tokens * h * i)  # intermediate and output dense
     layer = proj + attn + ffn
     model = n * layer + 2 * B * h * h + 2 * B * h * num_labels
     return FlopCount(B, T, layer, attn, model)
@@ -172,7 +172,8 @@ def torch_train_step_time(
 
         t1 = time.perf_counter()
         model = BertForSequenceClassification.from_pretrained(
-            str(path), num_labels=2, dtype=torch.float32, attn_implementation=attn_implementation)
+            str(path), num_labels=2, dtype=torch.float32, attn_implementation=attn_implementation
+        )
         t2 = time.perf_counter()
         model.train(dropout)
         params = list(model.parameters())
@@ -197,9 +198,13 @@ def torch_train_step_time(
         rcfg = ref.RefConfig(cfg.num_attention_heads, cfg.layer_norm_eps)
         ph, pa = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
         nh, h = cfg.num_attention_heads, cfg.hidden_size
-        impl = "tests/reference_bert (float32; transformers not installed)"
-        batch = {"input_ids": ids.numpy(), "attention_mask": am.numpy(),
-                 "token_type_ids": tt.numpy(), "labels": labels.numpy()}
+        impl = "tests/reference_bert (float32)"
+        batch = {
+            "input_ids": ids.numpy(),
+            "attention_mask": am.numpy(),
+            "token_type_ids": tt.numpy(),
+            "labels": labels.numpy(),
+        }
 
         def masks(prefix_only: str | None = None) -> dict[str, torch.Tensor] | None:
             if not dropout:
@@ -224,8 +229,9 @@ def torch_train_step_time(
             return ref.cross_entropy(ref.logits_torch(p, batch, rcfg, masks()), labels)
 
         def layer_fn(x: torch.Tensor) -> torch.Tensor:
-            return ref.layer_forward(p, "encoder.layer.0.", x, None, rcfg,
-                                     masks("encoder.layer.0."))
+            return ref.layer_forward(
+                p, "encoder.layer.0.", x, None, rcfg, masks("encoder.layer.0.")
+            )
 
     opt = torch.optim.AdamW(params, lr=2e-5)
     last = [float("nan")]
@@ -254,11 +260,21 @@ def torch_train_step_time(
     lf = _time(fwd, layer_steps, 1)
     lb = _time(fwdbwd, layer_steps, 1)
     return TorchTiming(
-        impl=impl, batch_size=batch_size, seq_len=seq_len, threads=threads, dropout=dropout,
-        steps=steps, median_ms=statistics.median(times), min_ms=min(times),
-        layer_fwd_ms=statistics.median(lf), layer_fwd_min_ms=min(lf),
-        layer_fwdbwd_ms=statistics.median(lb), layer_fwdbwd_min_ms=min(lb),
-        import_s=t1 - t0, load_s=t2 - t1, final_loss=last[0],
+        impl=impl,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        threads=threads,
+        dropout=dropout,
+        steps=steps,
+        median_ms=statistics.median(times),
+        min_ms=min(times),
+        layer_fwd_ms=statistics.median(lf),
+        layer_fwd_min_ms=min(lf),
+        layer_fwdbwd_ms=statistics.median(lb),
+        layer_fwdbwd_min_ms=min(lb),
+        import_s=t1 - t0,
+        load_s=t2 - t1,
+        final_loss=last[0],
     )
 
 
@@ -289,14 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-dropout", action="store_true")
-    ap.add_argument("--reference", action="store_true", help="use tests/reference_bert, not transformers")
+    ap.add_argument(
+        "--reference", action="store_true", help="use tests/reference_bert, not transformers"
+    )
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    t = torch_train_step_time(a.batch_size, a.seq_len, a.threads, a.steps, not a.no_dropout,
-                              use_transformers=False if a.reference else None,
-                              attn_implementation=a.attn)
+    t = torch_train_step_time(
+        a.batch_size,
+        a.seq_len,
+        a.threads,
+        a.steps,
+        not a.no_dropout,
+        use_transformers=False if a.reference else None,
+        attn_implementation=a.attn,
+    )
     f = count_flops(load_bert(default_model_dir()).config, a.batch_size, a.seq_len)
     print(format_table(t, f))
     if a.json:

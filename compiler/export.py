@@ -1,7 +1,8 @@
 """Export fine-tuned weights as a Hugging Face ``BertForSequenceClassification`` folder.
 
 The folder loads with ``BertForSequenceClassification.from_pretrained(out_dir)`` (and
-``AutoTokenizer.from_pretrained(out_dir)``) with no edgert code: ``config.json`` with the label maps,
+``AutoTokenizer.from_pretrained(out_dir)``) with no edgert code: ``config.json`` with the label
+maps,
 ``model.safetensors`` with HF key names (``bert.`` prefix on embeddings/encoder/pooler,
 ``classifier.*`` unprefixed), and the tokenizer files copied from the source checkpoint.
 
@@ -16,7 +17,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +28,33 @@ from edgert.errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 MARKER = "edgert_export.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
-def _label_maps(num_labels: int, id2label: Mapping[int, str] | Sequence[str] | None
-                ) -> dict[int, str]:
+def _label_maps(
+    num_labels: int, id2label: Mapping[int, str] | Sequence[str] | None
+) -> dict[int, str]:
     if id2label is None:
         return {i: f"LABEL_{i}" for i in range(num_labels)}
     if isinstance(id2label, Mapping):
         try:
             m = {int(k): str(v) for k, v in id2label.items()}
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"export_hf: id2label keys must be integers, got {list(id2label)}") from e
+            raise ConfigError(
+                f"export_hf: id2label keys must be integers, got {list(id2label)}"
+            ) from e
     else:
         m = {i: str(v) for i, v in enumerate(id2label)}
     if sorted(m) != list(range(num_labels)):
-        raise ConfigError(f"export_hf: id2label must name labels 0..{num_labels - 1} exactly, got "
-                          f"keys {sorted(m)}; pass one name per class.")
+        raise ConfigError(
+            f"export_hf: id2label must name labels 0..{num_labels - 1} exactly, got "
+            f"keys {sorted(m)}; pass one name per class."
+        )
     if len(set(m.values())) != len(m):
         raise ConfigError(f"export_hf: id2label names must be distinct, got {list(m.values())}.")
     return m
@@ -53,8 +64,10 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder; choose another --out path.")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise ConfigError(f"{out}: folder is not empty and is not a previous edgert export (no "
-                          f"{MARKER}); refusing to overwrite it. Choose an empty or new folder.")
+        raise ConfigError(
+            f"{out}: folder is not empty and is not a previous edgert export (no "
+            f"{MARKER}); refusing to overwrite it. Choose an empty or new folder."
+        )
 
 
 def export_hf(
@@ -74,7 +87,8 @@ def export_hf(
     config : BertConfig
         The encoder's config (written in full to config.json).
     weights : Mapping[str, np.ndarray]
-        Canonical unprefixed names (as `compiler.hf.load_bert` + `init_head` give): every encoder and
+        Canonical unprefixed names (as `compiler.hf.load_bert` + `init_head` give): every encoder
+        and
         embedding tensor, ``pooler.dense.*`` and ``classifier.*``. Cast to float32.
     tokenizer_dir : str or Path
         Folder to copy tokenizer.json / vocab.txt / tokenizer_config.json / special_tokens_map.json
@@ -101,16 +115,24 @@ def export_hf(
         raise ConfigError(f"export_hf: num_labels must be a positive integer, got {num_labels!r}.")
     labels = _label_maps(int(num_labels), id2label)
 
-    want = {**expected_shapes(config), **pooler_shapes(config), **head_shapes(config, int(num_labels))}
+    want = {
+        **expected_shapes(config),
+        **pooler_shapes(config),
+        **head_shapes(config, int(num_labels)),
+    }
     tensors: dict[str, np.ndarray] = {}
     for name, shape in want.items():
         if name not in weights:
-            raise ModelError(f"export_hf: weights lack {name!r}; pass the full model (checkpoint "
-                             "weights plus init_head's classifier/pooler).")
+            raise ModelError(
+                f"export_hf: weights lack {name!r}; pass the full model (checkpoint "
+                "weights plus init_head's classifier/pooler)."
+            )
         arr = np.asarray(weights[name])
         if tuple(arr.shape) != shape:
-            raise ModelError(f"export_hf: {name!r} has shape {tuple(arr.shape)}, expected {shape} "
-                             f"(num_labels={num_labels}, hidden_size={config.hidden_size}).")
+            raise ModelError(
+                f"export_hf: {name!r} has shape {tuple(arr.shape)}, expected {shape} "
+                f"(num_labels={num_labels}, hidden_size={config.hidden_size})."
+            )
         key = name if name.startswith("classifier.") else "bert." + name
         tensors[key] = np.ascontiguousarray(arr, dtype=np.float32)
     extra = sorted(set(weights) - set(want) - {"embeddings.position_ids"})
@@ -120,8 +142,10 @@ def export_hf(
     tok_dir = Path(tokenizer_dir)
     tok_files = [tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()]
     if not any(f.name in ("tokenizer.json", "vocab.txt") for f in tok_files):
-        raise ModelError(f"{tok_dir}: no tokenizer.json or vocab.txt to copy; pass the source "
-                         "checkpoint folder as tokenizer_dir.")
+        raise ModelError(
+            f"{tok_dir}: no tokenizer.json or vocab.txt to copy; pass the source "
+            "checkpoint folder as tokenizer_dir."
+        )
 
     cfg = {
         "architectures": ["BertForSequenceClassification"],
@@ -139,7 +163,9 @@ def export_hf(
 
     out.mkdir(parents=True, exist_ok=True)
     # Marker first, so that a crashed export can be overwritten by the next one.
-    _write_text(out / MARKER, json.dumps({"format": "edgert-hf-export/1", "complete": False}) + "\n")
+    _write_text(
+        out / MARKER, json.dumps({"format": "edgert-hf-export/1", "complete": False}) + "\n"
+    )
     st_tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(st_tmp), metadata={"format": "pt"})
     os.replace(st_tmp, out / "model.safetensors")
@@ -150,7 +176,7 @@ def export_hf(
     marker = {
         "format": "edgert-hf-export/1",
         "complete": True,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model_sha256": sha256_file(out / "model.safetensors"),
         "num_labels": int(num_labels),
         "files": ["config.json", "model.safetensors", *[f.name for f in tok_files]],

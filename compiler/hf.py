@@ -4,7 +4,8 @@ A checkpoint folder is what `save_pretrained` writes: ``config.json``, ``model.s
 (optionally) the tokenizer files. `load_bert` checks the architecture against what edgert compiles
 (post-LN BERT encoder with absolute positions and exact erf GELU), checks every tensor's shape
 against the config, and returns float32 C-contiguous arrays under canonical names without the
-``bert.`` prefix (``embeddings.word_embeddings.weight``, ``encoder.layer.0.attention.self.query.weight``,
+``bert.`` prefix (``embeddings.word_embeddings.weight``,
+``encoder.layer.0.attention.self.query.weight``,
 ``pooler.dense.weight``, and ``classifier.*`` if the checkpoint is already a classifier).
 
 `init_head` creates the new sequence-classification head the way Hugging Face's
@@ -49,7 +50,8 @@ _DROPPED = ("embeddings.position_ids",)  # a buffer, not a parameter
 class BertConfig:
     """The hyper-parameters of a BERT encoder (the subset of HF's ``BertConfig`` that edgert uses).
 
-    Defaults are Hugging Face's ``BertConfig`` defaults (BERT-base), used for keys a config.json omits.
+    Defaults are Hugging Face's ``BertConfig`` defaults (BERT-base), used for keys a config.json
+    omits.
     """
 
     vocab_size: int = 30522
@@ -101,31 +103,36 @@ class BertConfig:
                 model_type = "bert"
             else:
                 raise ModelError(
-                    f"{source}: no 'model_type' key, so the architecture is unknown; edgert supports "
-                    f"model_type {SUPPORTED_MODEL_TYPES} only. Add \"model_type\": \"bert\" if this is a "
+                    f"{source}: no 'model_type' key, so the architecture is unknown; edgert "
+                    f"supports model_type {SUPPORTED_MODEL_TYPES} only. Add "
+                    '"model_type": "bert" if this is a '
                     "BERT checkpoint."
                 )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelError(
-                f"{source}: model_type {model_type!r} is not supported; edgert compiles BERT encoders "
-                f"(model_type {SUPPORTED_MODEL_TYPES}, hidden_act {SUPPORTED_ACTIVATIONS}, absolute "
+                f"{source}: model_type {model_type!r} is not supported; edgert compiles BERT "
+                f"encoders (model_type {SUPPORTED_MODEL_TYPES}, hidden_act "
+                f"{SUPPORTED_ACTIVATIONS}, absolute "
                 "position embeddings). Use a BERT checkpoint such as the default all-MiniLM-L6-v2."
             )
         act = raw.get("hidden_act", "gelu")
         if act not in SUPPORTED_ACTIVATIONS:
             raise ModelError(
                 f"{source}: hidden_act {act!r} is not supported; edgert implements only "
-                f"{SUPPORTED_ACTIVATIONS} (exact erf GELU). Use a checkpoint trained with hidden_act 'gelu'."
+                f"{SUPPORTED_ACTIVATIONS} (exact erf GELU). Use a checkpoint trained with "
+                "hidden_act 'gelu'."
             )
         pos = raw.get("position_embedding_type", "absolute")
         if pos != "absolute":
             raise ModelError(
-                f"{source}: position_embedding_type {pos!r} is not supported; edgert implements only "
+                f"{source}: position_embedding_type {pos!r} is not supported; edgert implements "
+                "only "
                 "'absolute' (learned) position embeddings."
             )
         if raw.get("is_decoder") or raw.get("add_cross_attention"):
             raise ModelError(
-                f"{source}: decoder / cross-attention BERT variants are not supported; edgert compiles "
+                f"{source}: decoder / cross-attention BERT variants are not supported; edgert "
+                "compiles "
                 "encoder-only BERT (is_decoder false, add_cross_attention false)."
             )
         kwargs: dict[str, Any] = {}
@@ -134,19 +141,21 @@ class BertConfig:
                 continue
             value = raw[f.name]
             default = f.default
-            if isinstance(default, bool) or isinstance(default, str):
-                ok = isinstance(value, str)
+            if isinstance(default, str):
+                ok, want = isinstance(value, str), "string"
             elif isinstance(default, int):
                 ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                want = "positive integer"
             else:  # float
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-                value = float(value)
+                want = "non-negative number"
             if not ok:
                 raise ModelError(
-                    f"{source}: {f.name} = {raw[f.name]!r} is invalid (expected a "
-                    f"{'positive integer' if isinstance(default, int) else type(default).__name__}); "
+                    f"{source}: {f.name} = {value!r} is invalid (expected a {want}); "
                     "fix config.json or re-export the checkpoint."
                 )
+            if want == "non-negative number":
+                value = float(value)
             kwargs[f.name] = value
         kwargs["model_type"] = model_type
         cfg = cls(**kwargs)
@@ -189,7 +198,7 @@ class BertCheckpoint:
 
 
 def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
-    """The name and shape of every encoder/embedding tensor `config` implies (pooler and head excluded).
+    """Name and shape of every encoder/embedding tensor `config` implies (no pooler or head).
 
     Parameters
     ----------
@@ -254,7 +263,8 @@ def default_model_dir() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None:
         raise ModelError(
-            f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed; {_INSTALL_HINT}."
+            f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed; "
+            f"{_INSTALL_HINT}."
         )
     if spec.submodule_search_locations:
         root = Path(list(spec.submodule_search_locations)[0])
@@ -284,7 +294,8 @@ def read_config(path: str | Path) -> BertConfig:
     cfg_path = folder / CONFIG_FILE
     if not folder.is_dir():
         raise ModelError(
-            f"{folder}: checkpoint folder does not exist; pass a folder written by save_pretrained, "
+            f"{folder}: checkpoint folder does not exist; pass a folder written by "
+            "save_pretrained, "
             f"or {_INSTALL_HINT} to get the default model."
         )
     if not cfg_path.is_file():
@@ -372,8 +383,10 @@ def load_bert(path: str | Path) -> BertCheckpoint:
     if not st_path.is_file():
         hint = ""
         if (folder / "pytorch_model.bin").is_file():
-            hint = (" The folder has pytorch_model.bin only: convert it once with "
-                    "`model.save_pretrained(dir, safe_serialization=True)` in transformers.")
+            hint = (
+                " The folder has pytorch_model.bin only: convert it once with "
+                "`model.save_pretrained(dir, safe_serialization=True)` in transformers."
+            )
         raise ModelError(
             f"{st_path}: missing {WEIGHTS_FILE}.{hint} For the default model, {_INSTALL_HINT}."
         )
@@ -382,7 +395,7 @@ def load_bert(path: str | Path) -> BertCheckpoint:
 
     weights: dict[str, np.ndarray] = {}
     for key, arr in raw.items():
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         if name in weights:
             raise ModelError(
                 f"{st_path}: tensor {name!r} appears both with and without the 'bert.' prefix; "
@@ -429,8 +442,12 @@ def load_bert(path: str | Path) -> BertCheckpoint:
             )
         out[name] = np.ascontiguousarray(arr, dtype=np.float32)
     if weights:
-        log.info("%s: ignoring %d tensor(s) edgert does not use: %s", st_path, len(weights),
-                 ", ".join(sorted(weights)[:8]))
+        log.info(
+            "%s: ignoring %d tensor(s) edgert does not use: %s",
+            st_path,
+            len(weights),
+            ", ".join(sorted(weights)[:8]),
+        )
     if "pooler.dense.weight" not in out:
         log.info("%s: checkpoint has no pooler; init_head will create one", st_path)
 
@@ -452,7 +469,8 @@ def init_head(
 ) -> dict[str, np.ndarray]:
     """A freshly initialised sequence-classification head, as HF ``BertForSequenceClassification``.
 
-    ``classifier.weight`` [num_labels, hidden] ~ N(0, initializer_range) and ``classifier.bias`` = 0.
+    ``classifier.weight`` [num_labels, hidden] ~ N(0, initializer_range) and
+    ``classifier.bias`` = 0.
     If `weights` is given and lacks ``pooler.dense.*``, the pooler is initialised too (weight
     N(0, initializer_range) [hidden, hidden], zero bias). Draw order from
     ``numpy.random.default_rng(seed)``: classifier.weight, then pooler.dense.weight.
@@ -477,7 +495,11 @@ def init_head(
     ConfigError
         If `num_labels` is not a positive integer.
     """
-    if not isinstance(num_labels, (int, np.integer)) or isinstance(num_labels, bool) or num_labels < 1:
+    if (
+        not isinstance(num_labels, (int, np.integer))
+        or isinstance(num_labels, bool)
+        or num_labels < 1
+    ):
         raise ConfigError(f"init_head: num_labels must be a positive integer, got {num_labels!r}.")
     rng = np.random.default_rng(seed)
     h, std = config.hidden_size, config.initializer_range

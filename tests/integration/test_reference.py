@@ -46,7 +46,8 @@ def _hf_model(path, **kw):
     from transformers import BertForSequenceClassification
 
     model, info = BertForSequenceClassification.from_pretrained(
-        str(path), dtype=torch.float64, attn_implementation="eager", output_loading_info=True, **kw)
+        str(path), dtype=torch.float64, attn_implementation="eager", output_loading_info=True, **kw
+    )
     model.eval()
     return model, info
 
@@ -64,9 +65,12 @@ def test_reference_matches_transformers(setup):
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(weights["classifier.weight"]))
         model.classifier.bias.copy_(torch.from_numpy(weights["classifier.bias"]))
-    out = model(**{k: torch.from_numpy(batch[k]) for k in
-                   ("input_ids", "attention_mask", "token_type_ids")},
-                labels=torch.from_numpy(batch["labels"]))
+    out = model(
+        **{
+            k: torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids")
+        },
+        labels=torch.from_numpy(batch["labels"]),
+    )
     out.loss.backward()
 
     assert abs(loss - out.loss.item()) <= REL * abs(out.loss.item())
@@ -85,8 +89,12 @@ def test_reference_matches_transformers(setup):
 def test_reference_dropout_masks_are_applied(setup):
     _, ck, weights, batch = setup
     base, _ = ref.loss_and_grads(weights, batch, config=ck.config)
-    ones = {k: np.ones_like(v) for k, v in ref.make_dropout_masks(
-        weights, 4, 32, 0.0, 0.0, seed=0, config=ck.config).items()}
+    ones = {
+        k: np.ones_like(v)
+        for k, v in ref.make_dropout_masks(
+            weights, 4, 32, 0.0, 0.0, seed=0, config=ck.config
+        ).items()
+    }
     same, _ = ref.loss_and_grads(weights, batch, dropout_masks=ones, config=ck.config)
     assert same == base
     masks = ref.make_dropout_masks(weights, 4, 32, 0.1, 0.1, seed=0, config=ck.config)
@@ -97,13 +105,19 @@ def test_reference_dropout_masks_are_applied(setup):
 
 def test_export_loads_in_transformers(setup, tmp_path):
     d, ck, weights, batch = setup
-    out = export_hf(tmp_path / "export", ck.config, weights, d, 2, id2label=["negative", "positive"])
+    out = export_hf(
+        tmp_path / "export", ck.config, weights, d, 2, id2label=["negative", "positive"]
+    )
     model, info = _hf_model(out)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.config.id2label == {0: "negative", 1: "positive"}
     with torch.no_grad():
-        logits = model(**{k: torch.from_numpy(batch[k]) for k in
-                          ("input_ids", "attention_mask", "token_type_ids")}).logits.numpy()
+        logits = model(
+            **{
+                k: torch.from_numpy(batch[k])
+                for k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+        ).logits.numpy()
     expect = ref.logits(weights, batch, config=ck.config)
     assert _rel(logits, expect) <= REL
     tok = transformers.AutoTokenizer.from_pretrained(str(out))

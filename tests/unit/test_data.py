@@ -62,7 +62,9 @@ def test_tokenizer_pads_to_fixed_length(tok):
         assert enc[k].shape == (2, 32) and enc[k].dtype == np.int64
     assert enc["input_ids"][0, :3].tolist() == [101, 7632, 102]  # [CLS] hi [SEP]
     assert enc["attention_mask"][0].sum() == 3 and not enc["input_ids"][0, 3:].any()
-    assert enc["attention_mask"][1].all() and enc["input_ids"][1, -1] == 102  # truncated, ends [SEP]
+    assert (
+        enc["attention_mask"][1].all() and enc["input_ids"][1, -1] == 102
+    )  # truncated, ends [SEP]
     # the file's own Fixed(128) padding must not leak into other lengths
     assert tok.encode(["hi"], max_len=8)["input_ids"].shape == (1, 8)
     with pytest.raises(DataError, match="list of strings"):
@@ -70,8 +72,11 @@ def test_tokenizer_pads_to_fixed_length(tok):
 
 
 def _batch(b=4, t=16) -> dict:
-    return {"input_ids": np.ones((b, t), np.int64), "attention_mask": np.ones((b, t), np.int64),
-            "labels": np.zeros(b, np.int64)}
+    return {
+        "input_ids": np.ones((b, t), np.int64),
+        "attention_mask": np.ones((b, t), np.int64),
+        "labels": np.zeros(b, np.int64),
+    }
 
 
 def test_batch_roundtrip(tmp_path):
@@ -92,7 +97,9 @@ def test_batch_validation_errors(tmp_path):
         validate_batch(d)
     with pytest.raises(DataError, match=r"\(4, 16\), expected \(4, 128\).*--seq-len 128"):
         validate_batch(_batch(), seq_len=128)
-    with pytest.raises(DataError, match=r"'input_ids' has shape.*expected \(8, 16\).*--batch-size 8"):
+    with pytest.raises(
+        DataError, match=r"'input_ids' has shape.*expected \(8, 16\).*--batch-size 8"
+    ):
         validate_batch(_batch(), batch_size=8)
     np.savez(tmp_path / "x.npz", **_batch(t=8))
     with pytest.raises(DataError, match="x.npz.*--seq-len 16"):
@@ -104,19 +111,21 @@ def test_batch_validation_errors(tmp_path):
 
 def test_iterate_batches_deterministic_and_resumable():
     n, t = 23, 8
-    enc = {"input_ids": np.arange(n * t, dtype=np.int64).reshape(n, t) + 1,
-           "attention_mask": np.ones((n, t), np.int64),
-           "token_type_ids": np.zeros((n, t), np.int64)}
+    enc = {
+        "input_ids": np.arange(n * t, dtype=np.int64).reshape(n, t) + 1,
+        "attention_mask": np.ones((n, t), np.int64),
+        "token_type_ids": np.zeros((n, t), np.int64),
+    }
     labels = np.arange(n, dtype=np.int64)
     full = list(iterate_batches(enc, labels, 5, seed=1, epoch=0))
     assert [p for p, _ in full] == [0, 1, 2, 3]  # 23 // 5, last partial batch dropped
     again = list(iterate_batches(enc, labels, 5, seed=1, epoch=0))
-    assert all((a.labels == b.labels).all() for (_, a), (_, b) in zip(full, again))
+    assert all((a.labels == b.labels).all() for (_, a), (_, b) in zip(full, again, strict=False))
     resumed = list(iterate_batches(enc, labels, 5, seed=1, epoch=0, start=2))
     assert [p for p, _ in resumed] == [2, 3]
     assert (resumed[0][1].labels == full[2][1].labels).all()
     other = list(iterate_batches(enc, labels, 5, seed=1, epoch=1))
-    assert any((a.labels != b.labels).any() for (_, a), (_, b) in zip(full, other))
+    assert any((a.labels != b.labels).any() for (_, a), (_, b) in zip(full, other, strict=False))
     seen = np.concatenate([b.labels for _, b in full])
     assert len(set(seen.tolist())) == 20
     assert (full[0][1].input_ids[:, 0] == full[0][1].labels * t + 1).all()

@@ -24,14 +24,22 @@ from edgert.errors import ConfigError, ModelError
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 TINY = {
-    "model_type": "bert", "vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16,
-    "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+    "model_type": "bert",
+    "vocab_size": 50,
+    "hidden_size": 8,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 16,
+    "max_position_embeddings": 16,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
 }
 
 
-def _tiny_checkpoint(folder: Path, prefix: str = "", pooler: bool = True,
-                     raw_config: dict | None = None, mutate=None) -> Path:
+def _tiny_checkpoint(
+    folder: Path, prefix: str = "", pooler: bool = True, raw_config: dict | None = None, mutate=None
+) -> Path:
     cfg = BertConfig.from_json(TINY)
     shapes = {**expected_shapes(cfg), **(pooler_shapes(cfg) if pooler else {})}
     rng = np.random.default_rng(0)
@@ -113,7 +121,9 @@ def test_wrong_shape(tmp_path):
     def bad(t):
         t["encoder.layer.1.intermediate.dense.weight"] = np.zeros((16, 9), np.float32)
 
-    with pytest.raises(ModelError, match=r"encoder.layer.1.intermediate.dense.weight.*\(16, 9\).*\(16, 8\)"):
+    with pytest.raises(
+        ModelError, match=r"encoder.layer.1.intermediate.dense.weight.*\(16, 9\).*\(16, 8\)"
+    ):
         load_bert(_tiny_checkpoint(tmp_path / "ck", mutate=bad))
 
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: the default model, real tokenized batches, and compiled bundles (session-cached)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: compiles a whole model (tens of seconds); part of CI")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from compiler.hf import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def real_batch(minilm_dir):
+    """Factory: a real tokenized Rotten Tomatoes batch of B sentences padded to T tokens."""
+    from control.data import Tokenizer, load_rotten_tomatoes
+
+    texts, labels = load_rotten_tomatoes()
+    tok = Tokenizer(minilm_dir / "tokenizer.json")
+
+    def make(B: int, T: int, offset: int = 0) -> dict[str, np.ndarray]:
+        idx = np.arange(offset, offset + B) * 97 % len(texts)   # a spread of both labels
+        enc = tok.encode([texts[i] for i in idx], T)
+        return {**enc, "labels": labels[idx].astype(np.int64)}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def build_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bundles")
