@@ -94,7 +94,11 @@ def parse_split(text: str | None, stages: int | None, layers: int) -> list[tuple
     k = stages or 1
     if not 1 <= k <= layers:
         raise ConfigError(f"--stages must be between 1 and {layers} (the model's layer count), got {k}")
-    bounds = [round(i * layers / k) for i in range(k + 1)]
+    # Equal layer counts; any remainder goes to the later stages, because the first stage also
+    # holds the embeddings (on MiniLM the word embeddings alone are half the model's weights).
+    base, extra = divmod(layers, k)
+    sizes = [base + (1 if i >= k - extra else 0) for i in range(k)]
+    bounds = [sum(sizes[:i]) for i in range(k + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 

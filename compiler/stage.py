@@ -56,6 +56,8 @@ class Emitter:
             cfg = self.configs.get(key)
             extra = {"config": cfg} if cfg is not None else {}
             f = builder(*args, dtype=self.dtype, arch=self.arch, **kw, **extra)
+            if "global_symbol" in (f.attrs or {}):
+                f = f.without_attr("global_symbol")   # the module names it (one "main" per builder)
             name = f"k{len(self._gv)}_{builder.__name__.removeprefix('build_')}"
             self._gv[key] = self.bb.add_func(f, name)
             self._fn[key] = f
@@ -64,8 +66,8 @@ class Emitter:
 
     def call(self, key: str, args: list, n_out: int = 1) -> list[relax.Expr]:
         f = self._fn[key]
-        bufs = [f.buffer_map[p] for p in f.params[len(f.params) - n_out:]]
-        outs = [_tt(b.shape, str(b.dtype)) for b in bufs]
+        # TVM 0.27: PrimFunc params carry their buffer's shape and dtype directly.
+        outs = [_tt(b.shape, str(b.dtype)) for b in f.params[len(f.params) - n_out:]]
         v = self.bb.emit(relax.call_tir(self._gv[key], args, outs if n_out > 1 else outs[0]))
         if n_out == 1:
             return [v]

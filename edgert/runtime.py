@@ -43,8 +43,9 @@ def load_runtime(threads: int | None = None, block_torch: bool = False):
     global _rt
     if _rt is not None:
         return _rt
-    if threads:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
+    # TVM's pool starts with one worker on some VMs unless told; it reads this when it first runs.
+    os.environ["TVM_NUM_THREADS"] = str(threads or os.environ.get("TVM_NUM_THREADS")
+                                        or len(os.sched_getaffinity(0)))
     if block_torch and "torch" not in sys.modules:
         sys.modules["torch"] = None  # type: ignore[assignment]  # see [Note: torch and tvm_ffi]
     import tvm_ffi

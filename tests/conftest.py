@@ -10,6 +10,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_build_cache(tmp_path_factory):
+    """Compiled libraries go to a per-session cache, never the user's ~/.cache/edgert."""
+    old = os.environ.get("EDGERT_CACHE")
+    os.environ["EDGERT_CACHE"] = str(tmp_path_factory.mktemp("edgert-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGERT_CACHE", None)
+    else:
+        os.environ["EDGERT_CACHE"] = old
 
 
 def pytest_configure(config):

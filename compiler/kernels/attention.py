@@ -1,4 +1,4 @@
-"""BERT self-attention core (softmax(Q K^T / sqrt(d) + mask) V), forward and backward, one kernel each.
+"""BERT self-attention core softmax(Q K^T / sqrt(d) + mask) V: forward and backward, one kernel each.
 
 Layouts (M = B*T tokens, D = H*d):
 
@@ -12,7 +12,7 @@ same kernel on the *gathered* columns of its heads: ``qkv[:, subset_columns(H, d
 (what a head-split QKV projection produces directly). ctx/probs/dqkv hold only the subset; the full
 result is ``ctx = concat(ctx_0, ctx_1, axis=1)``, ``probs = concat(.., axis=1)`` and
 ``dqkv[:, subset_columns(..)] = dqkv_k``. Only the dropout index uses the global head h0 + h, so
-the subsets reproduce the full computation bit-exactly (tests/integration/test_kernels_attention.py).
+the subsets reproduce the full computation bit-exactly (tests/integration/test_kernels_attention).
 
 Masking adds ``(1 - mask[b, j]) * NEG`` with ``NEG = -1e9`` (finite in float32/64; exp underflows to
 exactly 0, same probabilities as HF's ``finfo.min``). Rows that are fully masked are not supported.
@@ -23,7 +23,11 @@ CPU schedule (one parallel loop over (b, h), everything for a head stays in L1/L
        for float32), probs = E / sum, ctx = Pd V (register-tiled, vectorised along d).
   bwd: pack V^T | per row block: dPd = dctx V^T, dS = scale * P * (dP - rowsum(dP * P)) into a
        per-head T x T buffer | dQ = dS K, dK = dS^T Q, dV = Pd^T dctx (register-tiled) | write dqkv.
-Dropout masks are regenerated from ``common.keep_scale`` (flat index ((b*H + h)*T + i)*T + j).
+Dropout masks are regenerated from the common counter hash (flat index ((b*H + h)*T + i)*T + j),
+via ``common.keep_scale`` (uint64 arithmetic; see ``common.hash_u32`` for the uint32 miscompile).
+GPU (arch.kind == "gpu"): unscheduled, single-stage row reductions; dlight's Fallback rule schedules
+it for OpenCL (one thread per output element, no Matmul rule applies to these multi-block funcs).
+Timing note: TVM's CPU pool defaults to 1 worker on a 2-vCPU host; set TVM_NUM_THREADS.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tvm import s_tir, te, tirx
 
 from compiler.arch import Arch
 from compiler.kernels.common import const, dtype_of, keep_scale
+from compiler.kernels.common import exp as common_exp
 
 NEG = -1e9
 
@@ -48,7 +53,7 @@ def default_config(B, T, H, d, *, dtype="float32", arch: Arch, direction="fwd") 
 
 def config_space(B, T, H, d, *, dtype="float32", arch: Arch, direction="fwd") -> list[dict]:
     return [{"block": blk, "rt": rt, "nv": nv}
-            for blk in (8, 16, 32) for rt in (4, 6, 8) for nv in (1, 2) if blk % rt == 0 or rt == 6]
+            for blk in (8, 16, 32) for rt in (4, 8) for nv in (1, 2) if blk % rt == 0]
 
 
 def subset_columns(H: int, d: int, heads: tuple[int, int]) -> np.ndarray:
@@ -65,22 +70,7 @@ def _heads(H, heads):
 
 
 # ------------------------------------------------------------------------------ expression helpers
-def _exp(x):
-    """exp(x); float32: Cody-Waite range reduction + Cephes polynomial (rel. err ~2e-7, vectorises,
-    unlike llvm.exp which becomes 16 scalar expf calls). float64: the exact intrinsic."""
-    dt = dtype_of(x)
-    if dt != "float32":
-        return te.exp(x)
-    c = lambda v: const(v, dt)  # noqa: E731
-    x = te.max(te.min(x, c(88.0)), c(-87.0))
-    n = tirx.floor(x * c(1.4426950408889634) + c(0.5))
-    r = x - n * c(0.693359375) - n * c(-2.12194440e-4)
-    p = c(1.9875691500e-4)
-    for a in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + c(a)
-    y = p * r * r + r + c(1.0)
-    bits = tirx.shift_left(tirx.Cast("int32", n) + tirx.const(127, "int32"), tirx.const(23, "int32"))
-    return y * tirx.reinterpret("float32", bits)
+_exp = common_exp
 
 
 def _row_reduce(f, shape3, T, ls, kind, dtype, name):
@@ -103,7 +93,7 @@ def _lanes(arch, dtype, n):
 # --------------------------------------------------------------------------------------- forward
 def build_attention_fwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0, salt=0,
                         heads=None, config=None) -> tvm.tirx.PrimFunc:
-    """Inputs: qkv [B*T, 3*Hs*d], mask [B, T] (1 keep, 0 pad), seed [1] int64.
+    """Inputs: qkv [B*T, 3*Hs*d], mask [B, T] (1 keep, 0 pad), seed [2] int64 (seed, dropout on/off).
     Outputs: ctx [B*T, Hs*d], probs [B, Hs, T, T] (softmax before dropout, saved for backward)."""
     h0, Hs = _heads(H, heads)
     D, ls = Hs * d, _lanes(arch, dtype, T)
@@ -111,7 +101,7 @@ def build_attention_fwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
     c = lambda v: const(v, dtype)  # noqa: E731
     qkv = te.placeholder((B * T, 3 * D), dtype, name="qkv")
     mask = te.placeholder((B, T), dtype, name="mask")
-    seed = te.placeholder((1,), "int64", name="seed")
+    seed = te.placeholder((2,), "int64", name="seed")
     kt = te.compute((B, Hs, d, T), lambda b, h, k, j: qkv[b * T + j, D + h * d + k] * c(scale),
                     name="kt")
     k = te.reduce_axis((0, d), name="k")
@@ -122,7 +112,8 @@ def build_attention_fwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
     E = te.compute((B, Hs, T, T), lambda b, h, i, j: _exp(sb(b, h, i, j) - mx[b, h, i]), name="E")
     smp, sm = _row_reduce(lambda b, h, i, j: E[b, h, i, j], (B, Hs, T), T, ls, "sum", dtype, "sm")
     rinv = te.compute((B, Hs, T), lambda b, h, i: c(1.0) / sm[b, h, i], name="rinv")
-    probs = te.compute((B, Hs, T, T), lambda b, h, i, j: E[b, h, i, j] * rinv[b, h, i], name="probs")
+    probs = te.compute((B, Hs, T, T), lambda b, h, i, j: E[b, h, i, j] * rinv[b, h, i],
+                       name="probs")
     pd = probs
     if dropout > 0.0:
         pd = te.compute((B, Hs, T, T), lambda b, h, i, j: probs[b, h, i, j] * keep_scale(
@@ -142,16 +133,21 @@ def build_attention_fwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
         bh = sch.fuse(b, h)
         sch.parallel(bh)
         io, ii = sch.split(i, [None, math.gcd(T, cfg["block"])])
-        for name in ["rinv", "sm", *[t.op.name for t in smp], "E", "mx", *[t.op.name for t in mxp], "S"]:
+        parts = [t.op.name for t in smp], [t.op.name for t in mxp]
+        for name in ["rinv", "sm", *parts[0], "E", "mx", *parts[1], "S"]:
             sch.compute_at(blk(name), io)
-        sch.compute_at(blk("kt"), bh)
-        _vec(sch, blk("kt"), L)
         _vec(sch, blk("probs"), L)
         _vec(sch, blk("E"), L)
         if dropout > 0.0:
             sch.reverse_compute_at(blk("pd"), io)
             _vec(sch, blk("pd"), L)
         sch.reverse_compute_at(blk("ctx"), io)
+        # per-head packs of K^T and V: contiguous, no 4 KiB-aliasing rows (qkv row stride 3*D)
+        vp = sch.cache_read(blk("ctx"), _read_index(sch, blk("ctx"), "qkv"), "global",
+                            consumer_blocks=[blk("ctx")])
+        for b_ in (blk("kt"), vp):
+            sch.compute_at(b_, bh)
+            _vec(sch, b_, L)
         for t in mxp + smp:
             _partial(sch, blk(t.op.name), T // ls)
         _tile_mm(sch, blk("S"), cfg, L)
@@ -162,7 +158,7 @@ def build_attention_fwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
 # -------------------------------------------------------------------------------------- backward
 def build_attention_bwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0, salt=0,
                         heads=None, config=None) -> tvm.tirx.PrimFunc:
-    """Inputs: qkv [B*T, 3*Hs*d], probs [B, Hs, T, T], dctx [B*T, Hs*d], seed [1] int64.
+    """Inputs: qkv [B*T, 3*Hs*d], probs [B, Hs, T, T], dctx [B*T, Hs*d], seed [2] int64 (seed, dropout on/off).
     Output: dqkv [B*T, 3*Hs*d] (dQ | dK | dV column blocks)."""
     h0, Hs = _heads(H, heads)
     D, ls = Hs * d, _lanes(arch, dtype, T)
@@ -171,13 +167,17 @@ def build_attention_bwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
     qkv = te.placeholder((B * T, 3 * D), dtype, name="qkv")
     P = te.placeholder((B, Hs, T, T), dtype, name="probs")
     dctx = te.placeholder((B * T, D), dtype, name="dctx")
-    seed = te.placeholder((1,), "int64", name="seed")
+    seed = te.placeholder((2,), "int64", name="seed")
     keep = lambda b, h, i, j: keep_scale(  # noqa: E731
         ((b * H + h0 + h) * T + i) * T + j, seed[0], salt, dropout, dtype)
+    # per-head packs (contiguous; the row strides of qkv / dctx alias in L1 at 4 KiB)
     vt = te.compute((B, Hs, d, T), lambda b, h, e, j: qkv[b * T + j, 2 * D + h * d + e], name="vt")
+    qp = te.compute((B, Hs, T, d), lambda b, h, t, e: qkv[b * T + t, h * d + e], name="qp")
+    kp = te.compute((B, Hs, T, d), lambda b, h, t, e: qkv[b * T + t, D + h * d + e], name="kp")
+    dcp = te.compute((B, Hs, T, d), lambda b, h, t, e: dctx[b * T + t, h * d + e], name="dcp")
     e = te.reduce_axis((0, d), name="e")
     dpd = te.compute((B, Hs, T, T), lambda b, h, i, j: te.sum(
-        dctx[b * T + i, h * d + e] * vt[b, h, e, j], axis=e), name="dpd")
+        dcp[b, h, i, e] * vt[b, h, e, j], axis=e), name="dpd")
     if dropout > 0.0:
         dp = lambda b, h, i, j: dpd[b, h, i, j] * keep(b, h, i, j)  # noqa: E731
     else:
@@ -188,23 +188,25 @@ def build_attention_bwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
         dp(b, h, i, j) - rd[b, h, i]), name="ds")  # already scaled by 1/sqrt(d)
     pd = P
     if dropout > 0.0:
-        pd = te.compute((B, Hs, T, T), lambda b, h, i, j: P[b, h, i, j] * keep(b, h, i, j), name="pd")
+        pd = te.compute((B, Hs, T, T), lambda b, h, i, j: P[b, h, i, j] * keep(b, h, i, j),
+                        name="pd")
     jr = te.reduce_axis((0, T), name="jr")
     dq = te.compute((B, Hs, T, d), lambda b, h, i, e: te.sum(
-        ds[b, h, i, jr] * qkv[b * T + jr, D + h * d + e], axis=jr), name="dq")
+        ds[b, h, i, jr] * kp[b, h, jr, e], axis=jr), name="dq")
     ir = te.reduce_axis((0, T), name="ir")
     dk = te.compute((B, Hs, T, d), lambda b, h, j, e: te.sum(
-        ds[b, h, ir, j] * qkv[b * T + ir, h * d + e], axis=ir), name="dk")
+        ds[b, h, ir, j] * qp[b, h, ir, e], axis=ir), name="dk")
     ir2 = te.reduce_axis((0, T), name="ir2")
     dv = te.compute((B, Hs, T, d), lambda b, h, j, e: te.sum(
-        pd[b, h, ir2, j] * dctx[b * T + ir2, h * d + e], axis=ir2), name="dv")
+        pd[b, h, ir2, j] * dcp[b, h, ir2, e], axis=ir2), name="dv")
     dqkv = te.compute((B, T, 3, Hs, d), lambda b, t, p, h, e: tirx.Select(
         p == 0, dq[b, h, t, e], tirx.Select(p == 1, dk[b, h, t, e], dv[b, h, t, e])), name="dqkv")
     sch = s_tir.Schedule(te.create_prim_func([qkv, P, dctx, seed, dqkv]))
     sch.transform_layout(sch.get_sblock("dqkv"), ("write", 0),
                          lambda b, t, p, h, e: (b * T + t, p * D + h * d + e))
     if arch.is_cpu:
-        cfg = {**default_config(B, T, H, d, dtype=dtype, arch=arch, direction="bwd"), **(config or {})}
+        cfg = {**default_config(B, T, H, d, dtype=dtype, arch=arch, direction="bwd"),
+               **(config or {})}
         L = arch.lanes(dtype)
         blk = sch.get_sblock
         b, t, p, h, e_ = sch.get_loops(blk("dqkv"))
@@ -219,8 +221,9 @@ def build_attention_bwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
         io, ii = sch.split(i, [None, math.gcd(T, cfg["block"])])
         for name in ["rd", *[t.op.name for t in rdp], "dpd"]:
             sch.compute_at(blk(name), io)
-        sch.compute_at(blk("vt"), bh)
-        for name in ["vt", "ds"] + (["pd"] if dropout > 0.0 else []):
+        for name in ("vt", "qp", "kp", "dcp"):
+            sch.compute_at(blk(name), bh)
+        for name in ["vt", "qp", "kp", "dcp", "ds"] + (["pd"] if dropout > 0.0 else []):
             _vec(sch, blk(name), L)
         for t in rdp:
             _partial(sch, blk(t.op.name), T // ls)
@@ -231,6 +234,10 @@ def build_attention_bwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
 
 
 # ------------------------------------------------------------------------------ schedule helpers
+def _read_index(sch, block, name):
+    return [r.source.name for r in sch.get(block).reads].index(name)
+
+
 def _vec(sch, block, L):
     """Vectorise the innermost loop of an elementwise block by L lanes (split when longer)."""
     loop = sch.get_loops(block)[-1]

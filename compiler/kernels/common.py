@@ -51,16 +51,49 @@ def gelu(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return x * const(0.5, dt) * (const(1.0, dt) + erf(x * const(1.0 / math.sqrt(2.0), dt)))
 
 
+def exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """exp(x): the exact intrinsic for float64; for float32 a vectorisable Cody-Waite range reduction
+    + Cephes polynomial (rel. err ~2e-7). TVM 0.27 lowers float32 `te.exp` to one scalar `expf` call per
+    lane (no vector math library), 10x slower than the memory traffic of the kernels that use it.
+    Results below exp(-80) are flushed to exactly 0: denormals trigger x86 microcode assists (a masked
+    attention row ran 10x slower)."""
+    dt = dtype_of(x)
+    if dt != "float32":
+        return te.exp(x)
+    c = lambda v: const(v, dt)  # noqa: E731
+    xv, nv, rv = (tirx.Var(s, dt) for s in ("ex_x", "ex_n", "ex_r"))
+    p = c(1.9875691500e-4)
+    for a in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * rv + c(a)
+    i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
+    bits = tirx.shift_left(tirx.Cast("int32", nv) + i32(127), i32(23))
+    body = (p * rv * rv + rv + c(1.0)) * tirx.reinterpret("float32", bits)
+    body = tirx.Let(rv, xv - nv * c(0.693359375) - nv * c(-2.12194440e-4), body)
+    body = tirx.Let(nv, tirx.floor(xv * c(1.4426950408889634) + c(0.5)), body)
+    body = tirx.Select(xv < c(-80.0), c(0.0), body)
+    return tirx.Let(xv, te.max(te.min(x, c(88.0)), c(-87.0)), body)
+
+
 def gelu_grad(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """d gelu(x) / dx = Phi(x) + x * phi(x)."""
     dt = dtype_of(x)
     cdf = const(0.5, dt) * (const(1.0, dt) + erf(x * const(1.0 / math.sqrt(2.0), dt)))
-    pdf = te.exp(const(-0.5, dt) * x * x) * const(1.0 / math.sqrt(2.0 * math.pi), dt)
+    pdf = exp(const(-0.5, dt) * x * x) * const(1.0 / math.sqrt(2.0 * math.pi), dt)
     return cdf + x * pdf
 
 
+_M32 = 0xFFFFFFFF
+
+
 def _u32(v: int) -> tirx.PrimExpr:
-    return tirx.const(v & 0xFFFFFFFF, "uint32")
+    return tirx.const(v & _M32, "uint32")
+
+
+def _mulw(h: tirx.PrimExpr, c: int) -> tirx.PrimExpr:
+    """h * c mod 2^32 without a wrapping uint32 multiply: widen to uint64 (cannot overflow there),
+    truncate back (LLVM narrows trunc(mul(zext, zext)) to a plain 32-bit vector multiply)."""
+    wide = tirx.Cast("uint64", h) * tirx.const(c & _M32, "uint64")
+    return tirx.Cast("uint32", wide & tirx.const(_M32, "uint64"))
 
 
 def hash_u32(index: tirx.PrimExpr, seed: tirx.PrimExpr, salt: int) -> tirx.PrimExpr:
@@ -68,30 +101,31 @@ def hash_u32(index: tirx.PrimExpr, seed: tirx.PrimExpr, salt: int) -> tirx.PrimE
 
     The same (seed, salt, index) gives the same bits in the forward and backward kernels, on every
     target, so dropout masks never need to be stored or sent between boards.
+
+    No multiply may wrap in uint32: TVM 0.27's LLVM codegen marks unsigned multiplies `nuw` (wrapping
+    is poison) and LLVM then mis-folds the hash (seen: every element kept at p = 0.25; wrong masks on
+    small unrolled rows). `_mulw` computes the same bits without wrapping.
     """
-    h = tirx.Cast("uint32", index) * _u32(0x9E3779B1)
-    h = h ^ (tirx.Cast("uint32", seed) * _u32(0x85EBCA77))
+    h = _mulw(tirx.Cast("uint32", index), 0x9E3779B1)
+    h = h ^ _mulw(tirx.Cast("uint32", seed), 0x85EBCA77)
     h = h ^ _u32(salt * 0xC2B2AE3D + 0x27D4EB2F)
     h = h ^ tirx.shift_right(h, _u32(16))
-    h = h * _u32(0x85EBCA6B)
+    h = _mulw(h, 0x85EBCA6B)
     h = h ^ tirx.shift_right(h, _u32(13))
-    h = h * _u32(0xC2B2AE35)
+    h = _mulw(h, 0xC2B2AE35)
     h = h ^ tirx.shift_right(h, _u32(16))
     return h
 
 
 def _enable_flag(seed):
-    """If `seed` reads element 0 of a seed tensor of shape (2,), the load of element 1 (the
-    dropout on/off flag); else None. Lets one compiled stage train (flag 1) and evaluate (flag 0)."""
+    """If `seed` is element 0 of a te seed tensor of shape (2,), return (flag, seed) where flag is
+    element 1 (dropout on/off); else (None, seed). One compiled stage thereby trains (flag 1) and
+    evaluates or checks gradients (flag 0) with the same kernels."""
     if hasattr(seed, "tensor") and hasattr(seed, "indices"):       # te: seed_tensor[0]
         t = seed.tensor
         if len(t.shape) == 1 and int(t.shape[0]) >= 2:
             return t[1], seed.asobject()
         return None, seed.asobject()
-    if isinstance(seed, tirx.BufferLoad):                            # TIR: seed_buffer[0]
-        b = seed.buffer
-        if len(b.shape) == 1 and int(b.shape[0]) >= 2:
-            return tirx.BufferLoad(b, [tirx.const(1, "int32")]), seed
     return None, seed
 
 
@@ -102,8 +136,7 @@ def keep_scale(index: tirx.PrimExpr, seed, salt: int, p: float, dtype: str) -> t
     (seed, dropout on/off): with the flag 0 the factor is exactly 1 (evaluation, gradient checks).
     """
     flag, seed = _enable_flag(seed)
-    threshold = _u32(min(int(p * 4294967296.0), 0xFFFFFFFF))
-    kept = hash_u32(index, seed, salt) >= threshold
+    kept = hash_u32(index, seed, salt) >= _u32(min(int(p * 4294967296.0), _M32))
     factor = tirx.Select(kept, const(1.0 / (1.0 - p), dtype), const(0.0, dtype))
     if flag is not None:
         factor = tirx.Select(flag != tirx.const(0, "int64"), factor, const(1.0, dtype))

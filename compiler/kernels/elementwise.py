@@ -71,6 +71,22 @@ def vectorize_loop(sch, loop, lanes: int):
     return outer
 
 
+def vectorize_exact(sch, loop, lanes: int):
+    """Vectorise `loop` by the largest power-of-two width <= lanes that divides its extent (no
+    tail: used inside reduction nests, where loop_partition would replace the reduction block).
+    Returns the outer loop (or None)."""
+    n = _extent(sch, loop)
+    v = vec_width(n, lanes)
+    if v <= 1:
+        return None
+    if v == n:
+        sch.vectorize(loop)
+        return None
+    outer, inner = sch.split(loop, [None, v])
+    sch.vectorize(inner)
+    return outer
+
+
 def sched_flat(sch, block, arch: Arch, dtype: str, *, parallel: bool = True) -> None:
     """Element-wise block: fuse all its loops, parallel outer / vectorised inner, scalar tail."""
     loops = sch.get_loops(block)
@@ -90,77 +106,127 @@ def _decompose_vec(sch, block, loop, lanes: int):
     init = sch.decompose_reduction(block, loop)
     loops = sch.get_loops(init)
     if loops and sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
-        vectorize_loop(sch, loops[-1], lanes)
+        vectorize_exact(sch, loops[-1], lanes)
     return init
 
 
 def sched_colsum(sch, block, arch: Arch, dtype: str, *, chunks: int | None = None) -> None:
     """A column-sum block (spatial loops first, then ONE reduction loop over rows, innermost):
     per-chunk partial sums over `chunks` row ranges in parallel (rfactor), vectorised along the
-    contiguous spatial axis, then a small vectorised final reduction over the chunks."""
+    contiguous (last) spatial axis, then a small vectorised final reduction over the chunks."""
     lanes = arch.lanes(dtype)
     loops = sch.get_loops(block)
     *sp, k = loops
     rows = _extent(sch, k)
+    ncols = 1
+    for lp in sp:
+        ncols *= _extent(sch, lp)
     if chunks is None:
         chunks = arch.threads
     chunks = max(1, min(chunks, rows))
-    if len(sp) > 1:
-        spf = sch.fuse(*sp)
-    else:
-        spf = sp[0]
-    ncols = _extent(sch, spf)
     if chunks == 1 or rows * ncols < PAR_MIN_ELEMS:
         # small: serial over rows, vectorised over columns
-        sch.reorder(k, spf)
-        vectorize_loop(sch, spf, lanes)
+        sch.reorder(k, *sp)
+        vectorize_exact(sch, sp[-1], lanes)
         _decompose_vec(sch, block, k, lanes)
         return
     c, kj = sch.split(k, [chunks, None])
     rf = sch.rfactor(c, 0)
-    # rf block loops: (spatial col, c, kj) -> (c, kj, col)
+    # rf block loops: (spatial..., c, kj) -> (c, kj, spatial...)
     lr = sch.get_loops(rf)
-    col, cr, kr = lr[-3], lr[-2], lr[-1]
-    sch.reorder(cr, kr, col)
+    nsp = len(sp)
+    spr, cr, kr = lr[-2 - nsp:-2], lr[-2], lr[-1]
+    sch.reorder(cr, kr, *spr)
     sch.parallel(cr)
-    vectorize_loop(sch, col, lanes)
+    vectorize_exact(sch, spr[-1], lanes)
     _decompose_vec(sch, rf, kr, lanes)
-    # final block: loops (col, c) -> (c, col)
+    # final block: loops (spatial..., c) -> (c, spatial...)
     lf = sch.get_loops(block)
-    colf, cf = lf[-2], lf[-1]
-    sch.reorder(cf, colf)
-    vectorize_loop(sch, colf, lanes)
+    spf, cf = lf[-1 - nsp:-1], lf[-1]
+    sch.reorder(cf, *spf)
+    vectorize_exact(sch, spf[-1], lanes)
     _decompose_vec(sch, block, cf, lanes)
 
 
-def sched_rowsum(sch, block, row_loop, lanes: int, *, reverse: bool = False) -> None:
-    """A row reduction block (loops: row, k) whose row lives under `row_loop`: vectorise the
-    reduction over k with `lanes` partial accumulators (rfactor) and move both the partial and the
-    final reduction under `row_loop` (compute_at for a producer of the row's consumers,
-    reverse_compute_at (`reverse=True`) for a consumer of a producer already at `row_loop`)."""
+def sched_rowsum(sch, block, row_loop, lanes: int, *, reverse: bool = False,
+                 anchor_parallel: bool | None = None):
+    """A row reduction block (loops: row, k): vectorise the reduction over k with `lanes` partial
+    accumulators (rfactor) and place it under `row_loop`: compute_at for a producer of the row's
+    consumers, reverse_compute_at (`reverse=True`) for a consumer of a producer already there.
+
+    With `anchor_parallel` set (True/False) the block is the FIRST of the row instead: `row_loop`
+    is ignored, the block's own row loop becomes the anchor (parallel if True) and is returned."""
     k = sch.get_loops(block)[-1]
     n = _extent(sch, k)
     v = vec_width(n, lanes)
-    move = sch.reverse_compute_at if reverse else sch.compute_at
-    if v <= 1:
-        move(block, row_loop)
-        return
+    anchor = anchor_parallel is not None
+    if v <= 1 or n // v < 2:
+        if anchor:
+            row = sch.get_loops(block)[0]
+            if anchor_parallel:
+                sch.parallel(row)
+            return row
+        (sch.reverse_compute_at if reverse else sch.compute_at)(block, row_loop)
+        return row_loop
     ko, kl = sch.split(k, [None, v])
     rf = sch.rfactor(kl, 0)
+    if anchor:
+        row, ko_r, kl_r = sch.get_loops(rf)
+        if anchor_parallel:
+            sch.parallel(row)
+        sch.vectorize(kl_r)
+        _decompose_vec(sch, rf, ko_r, v)
+        sch.reverse_compute_at(block, row)
+        return row
     if reverse:
-        move(rf, row_loop)
-        move(block, row_loop)
+        sch.reverse_compute_at(rf, row_loop)
+        sch.reverse_compute_at(block, row_loop)
     else:
-        move(block, row_loop)
-        move(rf, row_loop)
+        sch.compute_at(block, row_loop)
+        sch.compute_at(rf, row_loop)
     lr = sch.get_loops(rf)
-    # rf loops below row_loop: (kl spatial, ko reduce) in some order -> (ko, kl)
+    # rf loops below row_loop: (kl spatial, ko reduce) in block-iter order -> (ko, kl)
     kl_r, ko_r = lr[-2], lr[-1]
-    if _extent(sch, kl_r) != v or _extent(sch, ko_r) == v and n // v != v:
+    if _extent(sch, kl_r) != v:
         kl_r, ko_r = ko_r, kl_r
     sch.reorder(ko_r, kl_r)
     sch.vectorize(kl_r)
     _decompose_vec(sch, rf, ko_r, v)
+    return row_loop
+
+
+# Vectorisable exp / GELU gradient and the dropout factor live in common.py (one definition each).
+exp_vec = common.exp
+gelu_grad_vec = common.gelu_grad
+keep_scale = common.keep_scale
+
+
+# ---- hand-built loops (te.extern bodies) --------------------------------------------------------
+
+
+def hand_loop(name: str, extent: int, kind, body_fn, start: int = 0):
+    v = tirx.Var(name, "int32")
+    return tirx.For(v, tirx.const(start, "int32"), tirx.const(extent, "int32"), kind, body_fn(v))
+
+
+def hand_seq(*stmts):
+    stmts = [s for s in stmts if s is not None]
+    return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
+
+
+def hand_flat(n: int, lanes: int, parallel: bool, body_fn):
+    """for o in parallel(n // lanes): for l in vectorized(lanes): body(o*lanes + l); scalar tail."""
+    FK = tirx.ForKind
+    nv = n // lanes if lanes > 1 else 0
+    main = nv * lanes
+    stmts = []
+    if nv:
+        kind = FK.PARALLEL if parallel and nv > 1 else FK.SERIAL
+        stmts.append(hand_loop("o", nv, kind, lambda o: hand_loop(
+            "l", lanes, FK.VECTORIZED, lambda l: body_fn(o * lanes + l))))
+    if main < n:
+        stmts.append(hand_loop("t", n - main, FK.SERIAL, body_fn, start=main))
+    return hand_seq(*stmts)
 
 
 def finish(sch) -> tirx.PrimFunc:
@@ -196,7 +262,7 @@ def build_gelu_bwd(M: int, N: int, *, dtype: str = "float32", arch: Arch | None 
     arch = resolve_arch(arch)
     dg = te.placeholder((M, N), dtype, name="dg")
     u = te.placeholder((M, N), dtype, name="u")
-    du = te.compute((M, N), lambda i, j: dg[i, j] * common.gelu_grad(u[i, j]), name="du")
+    du = te.compute((M, N), lambda i, j: dg[i, j] * gelu_grad_vec(u[i, j]), name="du")
     f = te.create_prim_func([dg, u, du])
     if not arch.is_cpu:
         return f
@@ -206,16 +272,18 @@ def build_gelu_bwd(M: int, N: int, *, dtype: str = "float32", arch: Arch | None 
 
 
 def build_dropout(M: int, N: int, *, p: float, salt: int, dtype: str = "float32",
-                  arch: Arch | None = None, config: dict | None = None) -> tirx.PrimFunc:
-    """x [M,N], seed [1] int64 -> y [M,N] = x * keep_scale(m*N+n, seed, salt, p).
-    Its own backward (dy -> dx with the same seed/salt). p == 0 gives a copy."""
+                  arch: Arch | None = None, config: dict | None = None,
+                  seed_len: int = 2) -> tirx.PrimFunc:
+    """x [M,N], seed [seed_len] int64 -> y [M,N] = x * keep_scale(m*N+n, seed, salt, p).
+    Its own backward (dy -> dx with the same seed/salt). p == 0 gives a copy.
+    seed_len=2: seed[1] is the dropout on/off flag (as common.keep_scale)."""
     arch = resolve_arch(arch)
     x = te.placeholder((M, N), dtype, name="x")
-    seed = te.placeholder((1,), "int64", name="seed")
+    seed = te.placeholder((seed_len,), "int64", name="seed")
     if p > 0.0:
         y = te.compute(
             (M, N),
-            lambda i, j: x[i, j] * common.keep_scale(flat_index(i, j, N), seed[0], salt, p, dtype),
+            lambda i, j: x[i, j] * keep_scale(flat_index(i, j, N), seed[0], salt, p, dtype),
             name="y",
         )
     else:
@@ -340,12 +408,14 @@ def build_sumsq(n: int, *, dtype: str = "float32", arch: Arch | None = None,
         k = te.reduce_axis((0, n), name="k")
         out = te.compute((1,), lambda _: te.sum(x[k] * x[k], axis=k), name="out")
         return te.create_prim_func([x, out])
-    L = arch.lanes(dtype)
+    lanes = arch.lanes(dtype)
+    unroll = int((config or {}).get("unroll", 4))  # independent vector accumulators per thread
+    L = lanes * unroll
     chunks = arch.threads if n >= PAR_MIN_ELEMS else 1
     chunks = (config or {}).get("chunks", chunks)
     J = n // (chunks * L)
     if J == 0:
-        chunks, L = 1, 1
+        chunks, L, lanes, unroll = 1, 1, 1, 1
         J = n
     main = chunks * J * L
     j = te.reduce_axis((0, J), name="j")
@@ -371,6 +441,9 @@ def build_sumsq(n: int, *, dtype: str = "float32", arch: Arch | None = None,
     if chunks > 1:
         sch.parallel(c)
     if L > 1:
-        sch.vectorize(lv)
-    _decompose_vec(sch, blk, jr, L)
+        lu, lvv = sch.split(lv, [unroll, lanes])
+        if unroll > 1:
+            sch.unroll(lu)
+        sch.vectorize(lvv)
+    _decompose_vec(sch, blk, jr, lanes)
     return finish(sch)
