@@ -113,7 +113,10 @@ def rotten_tomatoes_batches(tokenizer_file: Path, seq: int, batch: int, eval_exa
     tr_x, tr_y, te_x, te_y = split(texts, labels, 0.2, seed)
     tok = Tokenizer(tokenizer_file)
     n_eval = (min(eval_examples, len(te_x)) // batch) * batch
-    test = tok.encode(te_x[:n_eval], seq)
+    # A seeded random subset: the file is ordered by label, so its head is not a fair sample.
+    pick = np.sort(np.random.default_rng([seed, 1]).permutation(len(te_x))[:n_eval])
+    test = tok.encode([te_x[i] for i in pick], seq)
+    te_y = np.asarray(te_y)[pick]
     test_batches = [
         {**{k: v[i:i + batch] for k, v in test.items()}, "labels": te_y[i:i + batch]}
         for i in range(0, n_eval, batch)]
@@ -121,8 +124,8 @@ def rotten_tomatoes_batches(tokenizer_file: Path, seq: int, batch: int, eval_exa
 
 
 def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages: int | None = 2,
-             split: str | None = None, steps: int = 30, batch: int = 8, micro_batches: int = 2,
-             seq: int = 64, lr: float = 1e-4, eval_examples: int = 256, seed: int = 0,
+             split: str | None = None, steps: int = 60, batch: int = 8, micro_batches: int = 2,
+             seq: int = 64, lr: float = 2e-4, eval_examples: int = 256, seed: int = 0,
              threads: int | None = None, export: bool = True) -> TrainReport:
     """The main job: fine-tune a BERT checkpoint on Rotten Tomatoes through K compiled stages."""
     from control.data import iterate_batches

@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune on Rotten Tomatoes through compiled stages")
     _common_model(t)
-    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--steps", type=int, default=60)
     t.add_argument("--batch", type=int, default=8, help="micro-batch size (compiled shape)")
     t.add_argument("--micro-batches", type=int, default=2, help="micro-batches per optimizer step")
     t.add_argument("--seq", type=int, default=64, help="sequence length (compiled shape)")
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--eval-examples", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("runs/quickstart"))
