@@ -55,10 +55,34 @@ def _target_record(arch: Arch) -> dict:
             "cpu_flags": flags}
 
 
-def _relax_pipeline(arch: Arch) -> str:
-    """CPU kernels arrive scheduled; for GPU targets TVM's "default" pipeline applies dlight's GPU
-    rules to our (unscheduled) kernels and binds them to OpenCL work-groups."""
-    return "default"
+def _relax_pipeline(arch: Arch):
+    """CPU kernels arrive scheduled: TVM's "default" pipeline only lowers them.
+
+    GPU kernels arrive unscheduled: dlight's GPU rules bind them to OpenCL work-groups. This is TVM's
+    generic GPU pipeline *without* FuseOps/FuseTIR: our kernels are already fused by construction, and
+    TVM 0.27's FuseTIR fails on reshape views feeding a call_tir ("Inconsistent buffers ... mapped to the
+    same relax var").
+    """
+    if arch.is_cpu:
+        return "default"
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.gpu_generic import pipeline as gp
+    from tvm.s_tir import dlight as dl
+
+    target = arch.tvm_target()
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeGpuPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential([
+                relax.transform.LegalizeOps(),
+                dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+                *gp.dataflow_lower_passes(target), *gp.finalize_passes(target)])
+            return seq(mod)
+
+    return _pipeline
 
 
 def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = "float32",
@@ -138,7 +162,7 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
         dtype=dtype, data_inputs=tuple(data), outputs=tuple(outs),
         saved=tuple(TensorMeta(n, tuple(s), d) for n, s, d in info["saved"]),
         params=tuple(TensorMeta(n, tuple(s), dtype) for n, s in names),
-        entries=(STAGE_FORWARD, STAGE_BACKWARD) + ((OPTIMIZER_STEP, ACCUMULATE) if arch.is_cpu else ()),
+        entries=(STAGE_FORWARD, STAGE_BACKWARD, OPTIMIZER_STEP, ACCUMULATE),
         files={LIB_FILE: sha256_file(out_dir / LIB_FILE), PARAMS_FILE: sha256_file(out_dir / PARAMS_FILE)},
         kernels=int(info["kernels"]), compile_seconds=float(sum(info["seconds"].values())),
     )

@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 
 from compiler.arch import Arch
-from compiler.kernels import attention, elementwise, embed, gemm, inplace, loss, norm
+from compiler.kernels import attention, elementwise, embed, gemm, inplace, loss, norm, optim
 from compiler.model_spec import ModelDims, StageSpec, stage_params
 from edgert.artifact import ACCUMULATE, OPTIMIZER_STEP, STAGE_BACKWARD, STAGE_FORWARD
 
@@ -321,7 +321,10 @@ class StageGraph:
                 for (_, shape), p, g, m, v in zip(self.params, params, grads, ms, vs, strict=True):
                     n = math.prod(shape)
                     flat = [self._flat(t, n) for t in (p, g, m, v)]
-                    r = E.inplace(inplace.build_adamw_inplace, [*flat, hyper], [0, 2, 3], n)
+                    if self.arch.is_cpu:   # in place: no second copy of weights and moments
+                        r = E.inplace(inplace.build_adamw_inplace, [*flat, hyper], [0, 2, 3], n)
+                    else:                  # GPU: dlight-scheduled elementwise kernel, out of place
+                        r = E(optim.build_adamw, [*flat, hyper], n, n_out=3)
                     outs.append(r)
                 newp = [bb.emit(relax.op.reshape(r[0], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
                 newm = [bb.emit(relax.op.reshape(r[1], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
@@ -337,7 +340,11 @@ class StageGraph:
                 outs = []
                 for (_, shape), a, g in zip(self.params, accs, grads, strict=True):
                     n = math.prod(shape)
-                    (r,) = E.inplace(inplace.build_accumulate_inplace, [self._flat(a, n), self._flat(g, n)], [0], n)
+                    fa, fg = self._flat(a, n), self._flat(g, n)
+                    if self.arch.is_cpu:
+                        (r,) = E.inplace(inplace.build_accumulate_inplace, [fa, fg], [0], n)
+                    else:
+                        (r,) = E(elementwise.build_accumulate, [fa, fg], n)
                     outs.append(bb.emit(relax.op.reshape(r, shape)))
                 o = bb.emit_output(relax.Tuple(outs))
             bb.emit_func_output(o)
@@ -345,7 +352,7 @@ class StageGraph:
     def build(self, optimizer: bool = True) -> tvm.IRModule:
         self.build_forward()
         self.build_backward()
-        if optimizer and self.arch.is_cpu:
+        if optimizer:
             self.build_optimizer()
             self.build_accumulate()
         return self.bb.get()
