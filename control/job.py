@@ -53,12 +53,23 @@ def load_model(model_dir: str | Path | None = None, num_labels: int = 2, head_se
 def compile_bundles(model: Model, out_dir: str | Path, *, stages: int | None = None,
                     split: str | None = None, batch: int = 8, seq: int = 128, target: str = "host",
                     dropout: bool = True, threads: int | None = None,
-                    configs: dict | None = None, progress: bool = True) -> list[Path]:
-    """Compile the model into K stage bundles under `out_dir`/stage{i}; returns their paths."""
+                    configs: dict | None = None, progress: bool = True,
+                    tuning_db: str | Path | None = None) -> list[Path]:
+    """Compile the model into K stage bundles under `out_dir`/stage{i}; returns their paths.
+
+    `configs`: kernel configs by workload key; None = the board's tuning database (`tuning_db`, by
+    default compiler.tuning.default_db_path(), if it exists); {} = the kernels' default schedules."""
     from compiler.arch import get_arch
     from compiler.build import build_bundle
 
     arch = get_arch(target, threads)
+    if configs is None:
+        from compiler.tuning import board_configs
+
+        configs = board_configs(arch, tuning_db)
+        if progress and configs:
+            print(f"  using {len(configs)} tuned kernel configs ({tuning_db or 'board database'})",
+                  file=sys.stderr)
     ranges = parse_split(split, stages, model.dims.layers)
     if seq > model.dims.max_pos:
         raise ConfigError(f"--seq {seq} exceeds the model's {model.dims.max_pos} positions")
@@ -126,7 +137,8 @@ def rotten_tomatoes_batches(tokenizer_file: Path, seq: int, batch: int, eval_exa
 def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages: int | None = 2,
              split: str | None = None, steps: int = 60, batch: int = 8, micro_batches: int = 2,
              seq: int = 64, lr: float = 2e-4, eval_examples: int = 256, seed: int = 0,
-             threads: int | None = None, export: bool = True) -> TrainReport:
+             threads: int | None = None, export: bool = True, configs: dict | None = None,
+             tuning_db: str | Path | None = None) -> TrainReport:
     """The main job: fine-tune a BERT checkpoint on Rotten Tomatoes through K compiled stages."""
     from control.data import iterate_batches
 
@@ -134,7 +146,7 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
     model = load_model(model_dir, num_labels=2, head_seed=seed)
     t0 = time.perf_counter()
     bundles = compile_bundles(model, out_dir / "bundles", stages=stages, split=split, batch=batch,
-                              seq=seq, threads=threads)
+                              seq=seq, threads=threads, configs=configs, tuning_db=tuning_db)
     compile_s = time.perf_counter() - t0
     pipe = LocalPipeline(bundles, threads=threads, run_seed=seed)
     tok_file = model.path / "tokenizer.json"

@@ -4,6 +4,9 @@
     edgert train --stages 3 --steps 60 --seq 128
     edgert compile --stages 3 --target arm64 --out build/arm64
     edgert grads --model DIR --stages 2 --batch BATCH.npz --out OUT.npz
+    edgert tune --budget 600                   # tune the kernels on this board (resumable)
+    edgert keys --out keys --boards board0,board1          # CURVE keys for a cluster
+    edgert serve --name board0 --port 5555 --keys keys --budget-mib 2048   # on a board
 
 Host commands import the compiler lazily; board commands never do.
 """
@@ -13,10 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from edgert.errors import EdgeError
+from edgert.errors import ConfigError, EdgeError
 
 
 def _common_model(p: argparse.ArgumentParser) -> None:
@@ -29,12 +33,26 @@ def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="TVM worker threads (default: all cores)")
 
 
+def _tuning_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", type=Path, default=None,
+                   help="tuning database (default: this board's, from `edgert tune`, if it exists)")
+    p.add_argument("--no-tuning", action="store_true",
+                   help="ignore tuning databases: the default schedules")
+
+
+def _tuning(a: argparse.Namespace) -> dict:
+    if a.no_tuning and a.db:
+        raise ConfigError("--db and --no-tuning contradict each other: pass one")
+    return {"configs": {} if a.no_tuning else None, "tuning_db": a.db}
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from control.job import finetune
 
     rep = finetune(model_dir=a.model, out_dir=a.out, stages=a.stages or (None if a.split else 2),
                    split=a.split, steps=a.steps, batch=a.batch, micro_batches=a.micro_batches,
-                   seq=a.seq, lr=a.lr, eval_examples=a.eval_examples, seed=a.seed, threads=a.threads)
+                   seq=a.seq, lr=a.lr, eval_examples=a.eval_examples, seed=a.seed, threads=a.threads,
+                   **_tuning(a))
     print(rep.summary())
     print(f"  report: {Path(a.out) / 'report.json'}; fine-tuned Hugging Face model: "
           f"{Path(a.out) / 'hf_model'}")
@@ -46,7 +64,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     model = load_model(a.model, num_labels=a.num_labels)
     paths = compile_bundles(model, a.out, stages=a.stages, split=a.split, batch=a.batch, seq=a.seq,
-                            target=a.target, dropout=not a.no_dropout, threads=a.threads)
+                            target=a.target, dropout=not a.no_dropout, threads=a.threads,
+                            **_tuning(a))
     for p in paths:
         print(p)
     return 0
@@ -68,7 +87,7 @@ def cmd_grads(a: argparse.Namespace) -> int:
     ckpt_names = set(load_bert(model.path).weights)
     out_root = Path(a.work) if a.work else Path(a.out).with_suffix(".bundles")
     paths = compile_bundles(model, out_root, stages=a.stages, split=a.split, batch=B, seq=T,
-                            threads=a.threads)
+                            threads=a.threads, **_tuning(a))
     pipe = LocalPipeline(paths, threads=a.threads)
     loss, grads = pipe.grads(batch)
     merged: dict = {}
@@ -79,6 +98,61 @@ def cmd_grads(a: argparse.Namespace) -> int:
     out.update({f"param/{k}": v for k, v in model.hf_weights().items() if k not in ckpt_names})
     np.savez(a.out, **out)
     print(f"loss {loss:.6f}; {len(merged)} gradient tensors -> {a.out}")
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    # TVM's pool reads this once, when tvm is imported (see edgert/runtime.py).
+    os.environ.setdefault("TVM_NUM_THREADS", str(a.threads or len(os.sched_getaffinity(0))))
+    from compiler import tuning
+    from compiler.arch import get_arch
+    from compiler.model_spec import parse_split, stage_specs
+    from control.job import load_model
+
+    model = load_model(a.model, num_labels=a.num_labels)
+    arch = get_arch(a.target, a.threads)
+    specs = stage_specs(parse_split(a.split, a.stages, model.dims.layers), a.batch, a.seq,
+                        not a.no_dropout)
+    db = tuning.TuningDB(a.db or tuning.default_db_path())
+    print(f"tuning {model.model_id} B={a.batch} T={a.seq} on {arch.name} for {a.budget:.0f}s "
+          f"-> {db.path}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill`/`timeout` stop it like Ctrl-C
+    rep = tuning.tune(model, specs, arch, db, a.budget, progress=tuning.print_progress)
+    print(rep.format())
+    return 130 if rep.interrupted else 0
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    from edgert.transport import generate_keys
+
+    ring = generate_keys(a.out, [b for b in a.boards.split(",") if b])
+    print(f"keys in {ring.root}: copy public/ to every machine, private/<name>.key_secret to "
+          f"that machine only")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from edgert.board import MIB, Board, BoardConfig
+    from edgert.transport import KeyRing, ZmqTransport
+
+    if a.keys is None and not a.insecure:
+        raise ConfigError("serve needs --keys DIR (create it with `edgert keys`), or --insecure "
+                          "for a test on a trusted machine")
+    workdir = a.workdir or Path(f"/tmp/edgert-{a.name}-{os.getpid()}")
+    cfg = BoardConfig(name=a.name, workdir=workdir, threads=a.threads,
+                      budget_bytes=None if a.budget_mib is None else int(a.budget_mib * MIB))
+    t = ZmqTransport(a.name, keys=None if a.keys is None else KeyRing(a.keys),
+                     max_msg_bytes=int(a.max_msg_mib * MIB))
+    try:
+        endpoint = t.bind(f"tcp://{a.host}:{a.port}")
+        print(f"edgert-board {a.name} listening {endpoint}", flush=True)
+        Board(cfg, t).serve()
+    finally:
+        t.close()
     return 0
 
 
@@ -98,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-examples", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    _tuning_flags(t)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compile", help="compile stage bundles for a target")
@@ -108,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="host", help="host, arm64, mali or adreno")
     c.add_argument("--no-dropout", action="store_true")
     c.add_argument("--out", type=Path, required=True)
+    _tuning_flags(c)
     c.set_defaults(func=cmd_compile)
 
     g = sub.add_parser("grads", help="loss and gradients of one batch (dropout off) for checking")
@@ -118,7 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the new classifier head")
     g.add_argument("--work", type=Path, default=None, help="where to put the compiled bundles")
     g.add_argument("--out", type=Path, required=True)
+    _tuning_flags(g)
     g.set_defaults(func=cmd_grads)
+
+    u = sub.add_parser("tune", help="tune the kernels on this board into its tuning database")
+    _common_model(u)
+    u.add_argument("--batch", type=int, default=8)
+    u.add_argument("--seq", type=int, default=128)
+    u.add_argument("--num-labels", type=int, default=2)
+    u.add_argument("--no-dropout", action="store_true")
+    u.add_argument("--budget", type=float, default=600.0, help="seconds; re-run to resume")
+    u.add_argument("--db", type=Path, default=None,
+                   help="tuning database (default: ~/.cache/edgert/tuning/<hostname>.json)")
+    u.add_argument("--target", default="host", help="a CPU target this machine runs (host)")
+    u.set_defaults(func=cmd_tune)
+
+    k = sub.add_parser("keys", help="create a cluster's CURVE keypairs (controller + boards)")
+    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--boards", required=True, help="comma-separated board names")
+    k.set_defaults(func=cmd_keys)
+
+    s = sub.add_parser("serve", help="run the board daemon (TVM runtime only)")
+    s.add_argument("--name", required=True, help="this board's name (= its key name)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0, help="0: the OS picks; printed on start")
+    s.add_argument("--keys", type=Path, default=None, help="cluster key directory (edgert keys)")
+    s.add_argument("--insecure", action="store_true", help="no CURVE (trusted test machine only)")
+    s.add_argument("--budget-mib", type=float, default=None, help="memory budget for a stage")
+    s.add_argument("--max-msg-mib", type=float, default=257.0, help="largest frame accepted")
+    s.add_argument("--workdir", type=Path, default=None, help="where deployed bundles go")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

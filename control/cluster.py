@@ -1,0 +1,320 @@
+"""A local cluster: N board daemons as separate processes on 127.0.0.1, driven over CURVE ZeroMQ.
+
+The controller side of the board protocol (edgert/board.py): start boards, deploy a K-stage plan
+in chunks, stream each micro-batch's side inputs to the stages that take them, run steps, collect
+losses, read weights back. A sync step reproduces LocalPipeline.train_step: the seeds and AdamW
+hyper vectors are computed here with control.local's functions (see edgert/executor.py,
+[Note: seeds and hyper-parameters come from the controller]).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from control.local import OptimConfig, seed_vec, step_seed
+from edgert.artifact import MANIFEST_FILE, Manifest, load_manifest
+from edgert.errors import BoardError, ConfigError
+from edgert.protocol import Kind, Message, chunk_file
+from edgert.schedule import add_comms, add_step, async_1f1b, one_f_one_b, to_csv, validate
+from edgert.transport import CONTROLLER, KeyRing, ZmqTransport, generate_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoardProc:
+    """One local board process."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    endpoint: str
+    log_path: Path
+    manifest: Manifest | None = None
+    losses: dict[int, float] = field(default_factory=dict)
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()[-n:]
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in lines)
+
+
+class LocalCluster:
+    """N board processes on this machine plus the controller's links to them.
+
+    Examples
+    --------
+    >>> with LocalCluster(2) as c:                                   # doctest: +SKIP
+    ...     c.deploy(["build/stage0", "build/stage1"], micro_batches=2)
+    ...     loss = c.train_step([batch0, batch1], OptimConfig(lr=1e-4))
+    ...     weights = c.params()
+    """
+
+    def __init__(self, n_boards: int, *, budget_mib: float | None = None, threads: int = 1,
+                 run_seed: int = 0, timeout: float = 120.0, start_timeout: float = 30.0,
+                 workdir: Path | str | None = None, max_msg_mib: float | None = None) -> None:
+        if type(n_boards) is not int or n_boards < 1:
+            raise ConfigError(f"n_boards must be an integer >= 1, got {n_boards!r}")
+        self.timeout = timeout                  # s per request
+        self.run_seed = run_seed
+        self.step = 0
+        self.n_mb = 0
+        self.mode = "sync"
+        self.group = 0
+        self.stages: list[BoardProc] = []
+        self.last_step_replies: dict[tuple[str, int], Message] = {}
+        self._own_dir = workdir is None
+        self.root = Path(tempfile.mkdtemp(prefix="edgert-cluster-") if workdir is None else workdir)
+        names = [f"board{i}" for i in range(n_boards)]
+        self.keys: KeyRing = generate_keys(self.root / "keys", names)
+        self.boards: list[BoardProc] = []
+        self.t: ZmqTransport | None = None
+        self._seq = itertools.count(1)
+        self._closed = False
+        try:
+            self.boards = [self._spawn(n, budget_mib, threads, max_msg_mib) for n in names]
+            self._wait_listening(start_timeout)
+            self.t = ZmqTransport(CONTROLLER, keys=self.keys, max_msg_bytes=-1)
+            for b in self.boards:
+                self.t.connect(b.name, b.endpoint)
+            for b in self.boards:
+                self.request(b, Kind.HELLO, timeout=start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- processes ------------------------------------------------------------------------------
+    def _spawn(self, name: str, budget_mib: float | None, threads: int,
+               max_msg_mib: float | None) -> BoardProc:
+        log_path = self.root / f"{name}.log"
+        cmd = [sys.executable, "-m", "edgert", "serve", "--name", name, "--port", "0",
+               "--keys", str(self.root / "keys"), "--workdir", str(self.root / name),
+               "--threads", str(threads)]
+        if budget_mib is not None:
+            cmd += ["--budget-mib", str(budget_mib)]
+        if max_msg_mib is not None:
+            cmd += ["--max-msg-mib", str(max_msg_mib)]
+        with open(log_path, "wb") as errf:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf,
+                                    stdin=subprocess.DEVNULL)
+        return BoardProc(name, proc, "", log_path)
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for b in self.boards:
+            assert b.proc.stdout is not None
+            while not b.endpoint:
+                left = deadline - time.monotonic()
+                ready, _, _ = select.select([b.proc.stdout], [], [], max(0.0, left))
+                line = b.proc.stdout.readline().decode(errors="replace") if ready else ""
+                if line.startswith("edgert-board "):
+                    b.endpoint = line.split()[-1]
+                elif not line and (b.proc.poll() is not None or left <= 0):
+                    raise BoardError(f"{b.name} did not start within {timeout:.0f} s "
+                                     f"(exit code {b.proc.poll()}); its log:\n{b.log_tail()}")
+
+    def _check_alive(self) -> None:
+        for b in self.boards:
+            rc = b.proc.poll()
+            if rc is not None:
+                raise BoardError(f"{b.name} (pid {b.proc.pid}) exited with code {rc}; its log:\n"
+                                 f"{b.log_tail()}")
+
+    # ---- messaging ------------------------------------------------------------------------------
+    def send(self, b: BoardProc, kind: Kind, **kw: Any) -> int:
+        seq = next(self._seq)
+        self._send_msg(b, Message.make(kind, "", seq, **kw))
+        return seq
+
+    def _send_msg(self, b: BoardProc, msg: Message) -> None:
+        assert self.t is not None
+        self.t.send(b.name, msg)
+
+    def collect(self, wanted: set[tuple[str, int]], timeout: float | None = None
+                ) -> dict[tuple[str, int], Message]:
+        """Replies keyed by (board, ref_seq) for every wanted pair; an ERROR raises BoardError."""
+        assert self.t is not None
+        deadline = time.monotonic() + (timeout or self.timeout)
+        got: dict[tuple[str, int], Message] = {}
+        while len(got) < len(wanted):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(wanted - set(got))
+                raise BoardError(f"no reply within {timeout or self.timeout:.0f} s from "
+                                 f"{missing}; the boards' logs are in {self.root}")
+            r = self.t.recv(min(left, 0.5))
+            if r is None:
+                self._check_alive()
+                continue
+            peer, msg = r
+            key = (str(peer), int(msg.header.body.get("ref_seq", -1)))
+            if msg.kind is Kind.ERROR:
+                body = msg.header.body
+                raise BoardError(f"{peer} refused request {key[1]}: {body.get('type')}: "
+                                 f"{body.get('message')}")
+            if key in wanted:
+                got[key] = msg
+        return got
+
+    def request(self, b: BoardProc, kind: Kind, timeout: float | None = None, **kw: Any
+                ) -> Message:
+        seq = self.send(b, kind, **kw)
+        return self.collect({(b.name, seq)}, timeout)[(b.name, seq)]
+
+    # ---- deploy ---------------------------------------------------------------------------------
+    def deploy(self, bundle_dirs: list[Path | str], *, micro_batches: int = 2, mode: str = "sync",
+               update_every: int | None = None) -> None:
+        """Upload stage i to board i, then LOAD it with its row of the schedule.
+
+        sync: 1F1B with a flush over `micro_batches` per step. async: PipeDream-2BW over a run
+        of `micro_batches` in total (one `train_async` call), a STEP every `update_every`.
+        """
+        k = len(bundle_dirs)
+        if not 1 <= k <= len(self.boards):
+            raise ConfigError(f"{k} stages need 1..{len(self.boards)} boards")
+        if mode == "sync":
+            sched = add_comms(add_step(one_f_one_b(k, micro_batches)))
+        elif mode == "async":
+            sched = add_comms(async_1f1b(k, micro_batches, update_every))
+        else:
+            raise ConfigError(f"mode must be 'sync' or 'async', got {mode!r}")
+        validate(sched, k, micro_batches)
+        self.mode, self.n_mb, self.step = mode, micro_batches, 0
+        self.group = (update_every or k) if mode == "async" else micro_batches
+        self.stages = self.boards[:k]
+        for i, d in enumerate(bundle_dirs):
+            self._upload(self.boards[i], Path(d), f"stage{i}")
+        csv = to_csv(sched)
+        wanted = set()
+        for i, b in enumerate(self.stages):
+            b.manifest = load_manifest(Path(bundle_dirs[i]), verify=False)
+            peers = {p.name: p.endpoint for p in self.boards[max(0, i - 1):i + 2] if p is not b
+                     and p in self.stages}
+            body = {"bundle": f"stage{i}", "stage": i, "n_stages": k, "n_mb": micro_batches,
+                    "group": self.group, "mode": mode, "schedule": csv, "run": "r",
+                    "peers": peers, "prev": self.boards[i - 1].name if i > 0 else None,
+                    "next": self.boards[i + 1].name if i < k - 1 else None}
+            wanted.add((b.name, self.send(b, Kind.LOAD, body=body)))
+        self.collect(wanted)
+
+    def _upload(self, b: BoardProc, bundle: Path, name: str) -> None:
+        if not (bundle / MANIFEST_FILE).is_file():
+            raise ConfigError(f"{bundle} is not a stage bundle (no {MANIFEST_FILE})")
+        wanted = set()
+        for f in sorted(p for p in bundle.iterdir() if p.is_file()):
+            seq = next(self._seq)
+            last = seq
+            for msg in chunk_file(f, name=f"{name}/{f.name}", seq=seq):
+                self._send_msg(b, msg)
+                last = msg.header.seq
+            self._seq = itertools.count(last + 1)
+            wanted.add((b.name, last))
+        self.collect(wanted)
+
+    # ---- training -------------------------------------------------------------------------------
+    def _send_batches(self, step: int, micro: list[dict[str, np.ndarray]]) -> None:
+        for i, b in enumerate(self.stages):
+            assert b.manifest is not None
+            names = [t.name for t in b.manifest.data_inputs if t.name != "hidden"]
+            for j, batch in enumerate(micro):
+                arrays = {n: np.ascontiguousarray(batch[n], np.int64) for n in names}
+                self.send(b, Kind.BATCH, step=step, stage=i, mb=j, arrays=arrays)
+
+    def _run(self, step: int, seeds: list[list[int]], hyper: list[list[float]]
+             ) -> dict[int, float]:
+        body = {"seeds": seeds, "hyper": hyper}
+        wanted = {(b.name, self.send(b, Kind.STEP, step=step, body=body)) for b in self.stages}
+        replies = self.collect(wanted)
+        last = replies[next(k for k in wanted if k[0] == self.stages[-1].name)]
+        self.last_step_replies = replies
+        return {int(j): float(v) for j, v in last.header.body["losses"].items()}
+
+    def train_step(self, micro_batches: list[dict[str, np.ndarray]], opt: OptimConfig) -> float:
+        """One sync optimizer step over the micro-batches; returns their mean loss."""
+        if self.mode != "sync" or len(micro_batches) != self.n_mb:
+            raise ConfigError(f"train_step needs a sync deployment and {self.n_mb} micro-batches "
+                              f"(deploy(..., micro_batches=M)); got {len(micro_batches)} in "
+                              f"{self.mode} mode")
+        self.step += 1
+        self._send_batches(self.step, micro_batches)
+        seeds = [seed_vec(step_seed(self.run_seed, self.step, j), True).tolist()
+                 for j in range(self.n_mb)]
+        losses = self._run(self.step, seeds, [opt.hyper(self.step).tolist()])
+        return float(np.mean([losses[j] for j in range(self.n_mb)]))
+
+    def train_async(self, micro_batches: list[dict[str, np.ndarray]], opt: OptimConfig
+                    ) -> list[float]:
+        """The whole async (2BW) run in one request; returns the loss of every micro-batch."""
+        if self.mode != "async" or len(micro_batches) != self.n_mb:
+            raise ConfigError(f"train_async needs an async deployment of {self.n_mb} "
+                              f"micro-batches, got {len(micro_batches)} in {self.mode} mode")
+        self._send_batches(1, micro_batches)
+        seeds = [seed_vec(step_seed(self.run_seed, 1 + j // self.group, j % self.group),
+                          True).tolist() for j in range(self.n_mb)]
+        n_updates = -(-self.n_mb // self.group)
+        losses = self._run(1, seeds, [opt.hyper(u).tolist() for u in range(1, n_updates + 1)])
+        return [losses[j] for j in range(self.n_mb)]
+
+    # ---- state and status -----------------------------------------------------------------------
+    def params(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for b in self.stages:
+            msg = self.request(b, Kind.STATE, body={"op": "get", "what": "params"})
+            out.update({k: np.array(v) for k, v in msg.arrays().items()})
+        return out
+
+    def profile(self, i: int = 0) -> dict[str, Any]:
+        return dict(self.request(self.boards[i], Kind.PROFILE).header.body)
+
+    def stats(self, i: int = 0) -> dict[str, Any]:
+        return dict(self.request(self.boards[i], Kind.STATS).header.body)
+
+    def client(self, name: str) -> ZmqTransport:
+        """A second controller-keyed client (identity `name`) for probes and fault tests."""
+        return ZmqTransport(name, keys=self.keys, key_name=CONTROLLER, max_msg_bytes=-1)
+
+    # ---- shutdown -------------------------------------------------------------------------------
+    def close(self, timeout: float = 5.0) -> None:
+        """SHUTDOWN every board, then kill what has not exited after `timeout` s."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.t is not None:
+            alive = [b for b in self.boards if b.proc.poll() is None]
+            try:
+                wanted = {(b.name, self.send(b, Kind.SHUTDOWN)) for b in alive}
+                self.collect(wanted, timeout)
+            except Exception as e:  # noqa: BLE001 - closing must not fail; we kill below
+                log.warning("graceful shutdown incomplete: %s", e)
+        for b in self.boards:
+            try:
+                b.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not exit; killing pid %d", b.name, b.proc.pid)
+                b.proc.kill()
+                b.proc.wait()
+            if b.proc.stdout is not None:
+                b.proc.stdout.close()
+        if self.t is not None:
+            self.t.close()
+        if self._own_dir:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
