@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgert.artifact import cpu_flags
 from edgert.errors import ConfigError
 
 
@@ -59,23 +60,12 @@ def _host_cpu() -> tuple[str, int]:
     from tvm.target import codegen
 
     cpu = codegen.llvm_get_system_cpu()
-    flags = _cpuinfo_flags()
+    flags = cpu_flags()
     if "avx512f" in flags:
         return cpu, 512
     if "avx2" in flags:
         return cpu, 256
     return cpu, 128
-
-
-def _cpuinfo_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def host_arch(threads: int | None = None) -> Arch:
@@ -107,24 +97,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         cross_cc="aarch64-linux-gnu-g++",
         elf_machine="aarch64",
     ),
-    "mali": dict(
-        kind="gpu",
-        target={"kind": "opencl", "device": "mali"},
-        host=_AARCH64_HOST,
-        vector_bits=128,
-        threads=4,
-        cross_cc="aarch64-linux-gnu-g++",
-        elf_machine="aarch64",
-    ),
-    "adreno": dict(
-        kind="gpu",
-        target={"kind": "opencl", "device": "adreno"},
-        host=_AARCH64_HOST,
-        vector_bits=128,
-        threads=4,
-        cross_cc="aarch64-linux-gnu-g++",
-        elf_machine="aarch64",
-    ),
+    # OpenCL GPUs of aarch64 boards: kernels scheduled by dlight, host code for the board's CPU.
+    **{gpu: dict(kind="gpu", target={"kind": "opencl", "device": gpu}, host=_AARCH64_HOST,
+                 vector_bits=128, threads=4, cross_cc="aarch64-linux-gnu-g++", elf_machine="aarch64")
+       for gpu in ("mali", "adreno")},
 }
 
 

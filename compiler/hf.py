@@ -15,7 +15,6 @@ seeded numpy Generator so that every board and the host agree on it bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgert.artifact import sha256_file  # noqa: F401  (re-exported for compiler.export)
 from edgert.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -277,15 +277,6 @@ def default_model_dir() -> Path:
             f"reinstall it: {_INSTALL_HINT}."
         )
     return model_dir
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed in `chunk`-byte pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_config(path: str | Path) -> BertConfig:
