@@ -54,6 +54,31 @@ def _batch(B: int, T: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
             "labels": rng.integers(0, 2, B).astype(np.int64)}
 
 
+def machine_info(threads: int, arch) -> dict:
+    """What the numbers were measured on."""
+    import psutil
+
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo", encoding="utf-8")
+                  if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo", encoding="utf-8")
+                  if ln.startswith("flags")), [])
+    return {"cpu": model, "llvm_cpu": arch.target.get("mcpu"), "isa": platform.machine(),
+            "simd": sorted(f for f in flags if f.startswith(("avx512f", "avx2", "fma"))),
+            "cores": os.cpu_count(), "threads_used": threads,
+            "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1), "os": platform.platform()}
+
+
+def nominal_peak(threads: int, arch) -> float | None:
+    """Paper peak from the CPU's nominal clock (AVX-512 clocks are usually lower in practice)."""
+    import re
+
+    model = machine_info(threads, arch)["cpu"]
+    m = re.search(r"@\s*([0-9.]+)\s*GHz", model)
+    if not m:
+        return None
+    return threads * 2 * (arch.vector_bits // 32) * 2 * float(m.group(1))
+
+
 def measure_peak(threads: int) -> float:
     """Practical fp32 peak: the best GFLOP/s of PyTorch's 2048^3 sgemm (MKL/oneDNN) here, now."""
     import torch
@@ -180,8 +205,7 @@ def main(argv=None) -> int:
     total_prof = sum(r[1] for r in prof)
     out = {
         "what": "MiniLM-L6 train step (fwd + bwd + AdamW, dropout on), batch %d x seq %d, fp32" % (B, T),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": a.threads,
-                    "cores": os.cpu_count(), "arch": arch.target},
+        "machine": machine_info(a.threads, arch),
         "command": "python bench/bench_train_step.py " + " ".join(argv or sys.argv[1:]),
         "train_step_ms": {"edgert_min": ours, "edgert_median": statistics.median(res["ours_step"]),
                           "torch_min": torch_ms, "torch_median": statistics.median(res["torch_step"])},
@@ -194,6 +218,8 @@ def main(argv=None) -> int:
         "peak_gflops_measured": peak,
         "peak_how": "best of torch 2048^3 sgemm in this run (practical peak)",
         "peak_fraction": 3 * fl.model / (ours / 1e3) / 1e9 / peak,
+        "peak_gflops_nominal": nominal_peak(a.threads, arch),
+        "peak_nominal_how": "threads x 2 FMA units x (SIMD bits / 32) lanes x 2 FLOP x nominal GHz",
         "torch_peak_fraction": 3 * fl.model / (torch_ms / 1e3) / 1e9 / peak,
         "stage_2_layers_fwd_bwd_ms": min(res["ours_stage"]),
         "layer_ms": {"edgert_fwd": min(res["ours_layer_fwd"]), "edgert_bwd": min(res["ours_layer_bwd"]),

@@ -276,6 +276,30 @@ class LocalCluster:
             out.update({k: np.array(v) for k, v in msg.arrays().items()})
         return out
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW moments as {"m/<param>": ..., "v/<param>": ...} (LocalPipeline's naming)."""
+        out: dict[str, np.ndarray] = {}
+        for b in self.stages:
+            msg = self.request(b, Kind.STATE, body={"op": "get", "what": "optim"})
+            out.update({k: np.array(v) for k, v in msg.arrays().items()})
+        return out
+
+    def load_state(self, params: dict[str, np.ndarray], opt: dict[str, np.ndarray] | None,
+                   step: int) -> None:
+        """Set weights (and AdamW moments) on every stage, resuming at optimizer step `step`."""
+        wanted = set()
+        for b in self.stages:
+            assert b.manifest is not None
+            names = [t.name for t in b.manifest.params]
+            wanted.add((b.name, self.send(b, Kind.STATE, body={"op": "set", "what": "params"},
+                                          arrays={n: params[n] for n in names})))
+            if opt is not None:
+                arrays = {f"{k}/{n}": opt[f"{k}/{n}"] for k in ("m", "v") for n in names}
+                wanted.add((b.name, self.send(b, Kind.STATE, arrays=arrays,
+                                              body={"op": "set", "what": "optim", "step": step})))
+        self.collect(wanted)
+        self.step = step
+
     def profile(self, i: int = 0) -> dict[str, Any]:
         return dict(self.request(self.boards[i], Kind.PROFILE).header.body)
 

@@ -160,6 +160,7 @@ class Board:
             Kind.BATCH: self._data, Kind.ACT: self._data, Kind.GRAD: self._data,
             Kind.STEP: self._step, Kind.STATE: self._state, Kind.STATS: self._stats,
             Kind.HEARTBEAT: lambda peer, msg: None, Kind.SHUTDOWN: self._shutdown,
+            Kind.ERROR: self._peer_error, Kind.OK: lambda peer, msg: None,
         }
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -188,8 +189,9 @@ class Board:
         try:
             handler = self._handlers.get(msg.kind)
             if handler is None:
+                served = sorted(k.value for k in self._handlers)
                 raise ProtocolError(f"board {self.cfg.name} does not serve {msg.kind.value} "
-                                    f"requests; it serves {sorted(k.value for k in self._handlers)}")
+                                    f"requests; it serves {served}")
             handler(peer, msg)
         except Exception as e:  # noqa: BLE001 - the board must outlive any bad request
             self._fail(peer, msg.header.seq, e)
@@ -356,11 +358,21 @@ class Board:
             arrays = {f"{k}/{n}": np.array(to_numpy(a)) for k, lst in (("m", ld.opt.m),
                       ("v", ld.opt.v)) for n, a in zip(names, lst, strict=True)}
         elif op == "set" and what == "params":
-            ld.stage.set_params({k: np.array(v) for k, v in msg.arrays().items()})
+            ld.stage.set_params(_need(msg.arrays(), names, "state set params"))
+            arrays = None
+        elif op == "set" and what == "optim":
+            from edgert.runtime import to_dev
+
+            got = msg.arrays()
+            m = _need(got, [f"m/{n}" for n in names], "state set optim")
+            v = _need(got, [f"v/{n}" for n in names], "state set optim")
+            ld.opt.m = [to_dev(np.array(m[f"m/{n}"])) for n in names]
+            ld.opt.v = [to_dev(np.array(v[f"v/{n}"])) for n in names]
+            ld.opt.steps = _int(b, "step", ld.opt.steps)
             arrays = None
         else:
-            raise BoardError(f"state: op={op!r} what={what!r} is not served; use op get/set with "
-                             f"what 'params', or op get with what 'optim'")
+            raise BoardError(f"state: op={op!r} what={what!r} is not served; use op 'get' or "
+                             f"'set' with what 'params' or 'optim'")
         kind = Kind.STATE if arrays is not None else Kind.OK
         self.reply(peer, kind, msg.header.seq, {"what": what, "step": ld.opt.steps}, arrays)
 
@@ -375,9 +387,28 @@ class Board:
     def _stats(self, peer: Peer, msg: Message) -> None:
         self.reply(peer, Kind.STATS, msg.header.seq, self.stats_body())
 
+    def _peer_error(self, peer: Peer, msg: Message) -> None:
+        """A neighbour refused something we sent it: never answer (no ERROR ping-pong)."""
+        b = msg.header.body
+        text = f"{peer!r} reported {b.get('type')}: {b.get('message')}"
+        log.warning("board %s: %s", self.cfg.name, text)
+        self.stats.errors += 1
+        self.stats.last_errors.append(text)
+        if self.running is not None:
+            self._abort_step(BoardError(f"step aborted: {text}"))
+
     def _shutdown(self, peer: Peer, msg: Message) -> None:
         self.stopping = True
         self.reply(peer, Kind.OK, msg.header.seq, {"board": self.cfg.name})
+
+
+def _need(arrays: Mapping[str, np.ndarray], names: list[str], what: str
+          ) -> dict[str, np.ndarray]:
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise BoardError(f"{what}: missing tensors {missing[:5]} ({len(missing)} in all); send "
+                         f"every tensor of the stage, named as in its manifest")
+    return {n: np.array(arrays[n]) for n in names}
 
 
 def _int(body: Mapping[str, Any], key: str, default: int) -> int:

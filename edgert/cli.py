@@ -139,13 +139,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from edgert.board import MIB, Board, BoardConfig
     from edgert.transport import KeyRing, ZmqTransport
 
-    if a.keys is None and not a.insecure:
-        raise ConfigError("serve needs --keys DIR (create it with `edgert keys`), or --insecure "
-                          "for a test on a trusted machine")
     workdir = a.workdir or Path(f"/tmp/edgert-{a.name}-{os.getpid()}")
     cfg = BoardConfig(name=a.name, workdir=workdir, threads=a.threads,
                       budget_bytes=None if a.budget_mib is None else int(a.budget_mib * MIB))
-    t = ZmqTransport(a.name, keys=None if a.keys is None else KeyRing(a.keys),
+    t = ZmqTransport(a.name, keys=KeyRing(a.keys),
                      max_msg_bytes=int(a.max_msg_mib * MIB))
     try:
         endpoint = t.bind(f"tcp://{a.host}:{a.port}")
@@ -218,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="this board's name (= its key name)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=0, help="0: the OS picks; printed on start")
-    s.add_argument("--keys", type=Path, default=None, help="cluster key directory (edgert keys)")
-    s.add_argument("--insecure", action="store_true", help="no CURVE (trusted test machine only)")
+    s.add_argument("--keys", type=Path, required=True,
+                   help="cluster key directory (edgert keys); only its keys may connect")
     s.add_argument("--budget-mib", type=float, default=None, help="memory budget for a stage")
     s.add_argument("--max-msg-mib", type=float, default=257.0, help="largest frame accepted")
     s.add_argument("--workdir", type=Path, default=None, help="where deployed bundles go")

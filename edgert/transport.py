@@ -147,6 +147,7 @@ class ZmqTransport:
         self._ctx = zmq.Context()
         self._router: zmq.Socket | None = None
         self._dealers: dict[str, zmq.Socket] = {}
+        self._addrs: dict[str, str] = {}
         self._poller = zmq.Poller()
         self._auth = None
         # Two clients with one key (the controller and a probe) need distinct identities.
@@ -169,6 +170,7 @@ class ZmqTransport:
             s.curve_publickey, s.curve_secretkey = self._curve
             s.curve_server = True
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # sending to a gone client raises, not drops
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a peer that reconnects keeps its identity
         try:
             s.bind(addr)
         except zmq.ZMQError as e:
@@ -187,6 +189,8 @@ class ZmqTransport:
     def connect(self, name: str, addr: str, server: str | None = None) -> None:
         """DEALER to `addr`; `server` names the key of the board there (default: `name`)."""
         if name in self._dealers:
+            if self._addrs.get(name) == addr:
+                return                      # keep the live link (and its queued messages)
             self.disconnect(name)
         s = self._socket(zmq.DEALER)
         s.setsockopt(zmq.IDENTITY, self.name.encode())
@@ -195,10 +199,12 @@ class ZmqTransport:
             s.curve_serverkey = self.keys.public(server or name)
         s.connect(addr)
         self._dealers[name] = s
+        self._addrs[name] = addr
         self._poller.register(s, zmq.POLLIN)
 
     def disconnect(self, name: str) -> None:
         s = self._dealers.pop(name, None)
+        self._addrs.pop(name, None)
         if s is not None:
             self._poller.unregister(s)
             s.close(0)

@@ -16,7 +16,6 @@ import time
 import numpy as np
 import pytest
 import zmq
-import zmq.auth
 
 from control.cluster import LocalCluster
 from control.job import compile_bundles, load_model
@@ -74,13 +73,25 @@ def test_sync_pipeline_matches_single_process(k, bundles, micro_batches, referen
           f"{1000 * np.median(stats['step_s']):.0f} ms, peak RSS {stats['peak_rss'] >> 20} MiB")
 
 
-def test_dead_board_is_reported(bundles, micro_batches):
+def test_resume_from_state_then_dead_board_is_reported(bundles, micro_batches, reference):
+    """STATE set/get restores a run exactly: 10 steps, reload, 10 more = the 20-step reference."""
+    ref_losses, ref_params = reference
     with LocalCluster(2, timeout=30) as c:
         c.deploy(bundles[2], micro_batches=M)
-        c.train_step(micro_batches[0], OPT)
+        for mb in micro_batches[:10]:
+            c.train_step(mb, OPT)
+        params, opt = c.params(), c.optimizer_state()
+        c.deploy(bundles[2], micro_batches=M)            # fresh stages, step 0
+        c.load_state(params, opt, step=10)
+        losses = [c.train_step(mb, OPT) for mb in micro_batches[10:]]
+        np.testing.assert_allclose(losses, ref_losses[10:], rtol=1e-5)
+        final = c.params()
+        for name, want in ref_params.items():
+            np.testing.assert_allclose(final[name], want, rtol=1e-5,
+                                       atol=1e-6 * np.abs(want).max(), err_msg=name)
         c.boards[1].proc.kill()
         with pytest.raises(BoardError, match=r"board1 \(pid \d+\) exited"):
-            c.train_step(micro_batches[1], OPT)
+            c.train_step(micro_batches[0], OPT)
 
 
 def test_async_2bw_trains_on_boards(bundles, real_batch):
