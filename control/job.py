@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,7 @@ class TrainReport:
     after: dict = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
     compile_seconds: float = 0.0
+    boards: list[dict] = field(default_factory=list)   # per board: name, stage, peak RSS (MiB)
 
     def summary(self) -> str:
         b, a = self.before, self.after
@@ -113,6 +115,8 @@ class TrainReport:
             f"  ({a.get('examples', 0)} sentences)",
             f"  train loss first/last {self.losses[0]:.4f} / {self.losses[-1]:.4f}" if self.losses else "",
             f"  median step {1000 * med:.0f} ms; compile {self.compile_seconds:.1f}s",
+            *(f"  {b['name']}: stage {b['stage']}, peak RSS {b['peak_rss_mib']:.0f} MiB (pid {b['pid']})"
+              for b in self.boards),
         ])
 
 
@@ -138,8 +142,13 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
              split: str | None = None, steps: int = 60, batch: int = 8, micro_batches: int = 2,
              seq: int = 64, lr: float = 2e-4, eval_examples: int = 256, seed: int = 0,
              threads: int | None = None, export: bool = True, configs: dict | None = None,
-             tuning_db: str | Path | None = None) -> TrainReport:
-    """The main job: fine-tune a BERT checkpoint on Rotten Tomatoes through K compiled stages."""
+             tuning_db: str | Path | None = None, boards: bool = True) -> TrainReport:
+    """The main job: fine-tune a BERT checkpoint on Rotten Tomatoes through K compiled stages.
+
+    With `boards` (the default) every stage runs on its own local board process (edgert serve, CURVE
+    ZeroMQ on 127.0.0.1) in 1F1B pipeline order; otherwise all stages run in this process. Held-out
+    evaluation and the export run in this process, on the weights the boards return.
+    """
     from control.data import iterate_batches
 
     out_dir = Path(out_dir)
@@ -157,14 +166,33 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
     rep.before = {"loss": loss, "accuracy": acc, "examples": len(test_batches) * batch}
     opt = OptimConfig(lr=lr, warmup_steps=max(1, steps // 10), total_steps=steps)
     it = iterate_batches(train_enc, train_y, batch, seed, 0)
-    bar = _Progress(steps, "train")
-    for _ in range(steps):
-        micro = [next(it)[1].as_dict() for _ in range(micro_batches)]
-        t = time.perf_counter()
-        rep.losses.append(pipe.train_step(micro, opt))
-        rep.step_seconds.append(time.perf_counter() - t)
-        bar.update(f"loss {rep.losses[-1]:.4f}")
-    bar.close()
+
+    def run(trainer) -> None:
+        bar = _Progress(steps, "train")
+        for _ in range(steps):
+            micro = [next(it)[1].as_dict() for _ in range(micro_batches)]
+            t = time.perf_counter()
+            rep.losses.append(trainer.train_step(micro, opt))
+            rep.step_seconds.append(time.perf_counter() - t)
+            bar.update(f"loss {rep.losses[-1]:.4f}")
+        bar.close()
+
+    if boards:
+        from control.cluster import LocalCluster
+
+        k = len(bundles)
+        per_board = max(1, (threads or len(os.sched_getaffinity(0))) // k)
+        print(f"  starting {k} local boards ({per_board} thread(s) each) ...", file=sys.stderr)
+        with LocalCluster(k, threads=per_board, run_seed=seed) as cluster:
+            cluster.deploy(bundles, micro_batches=micro_batches)
+            run(cluster)
+            for i, b in enumerate(cluster.stages):
+                st = cluster.stats(i)
+                rep.boards.append({"name": b.name, "stage": i, "pid": b.proc.pid,
+                                   "peak_rss_mib": st["peak_rss"] / 2 ** 20})
+            pipe.load_state(cluster.params(), cluster.optimizer_state(), steps)
+    else:
+        run(pipe)
     loss, acc = pipe.evaluate(test_batches)
     rep.after = {"loss": loss, "accuracy": acc, "examples": len(test_batches) * batch}
     out_dir.mkdir(parents=True, exist_ok=True)

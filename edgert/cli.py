@@ -52,7 +52,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     rep = finetune(model_dir=a.model, out_dir=a.out, stages=a.stages or (None if a.split else 2),
                    split=a.split, steps=a.steps, batch=a.batch, micro_batches=a.micro_batches,
                    seq=a.seq, lr=a.lr, eval_examples=a.eval_examples, seed=a.seed, threads=a.threads,
-                   **_tuning(a))
+                   boards=not a.in_process, **_tuning(a))
     print(rep.summary())
     print(f"  report: {Path(a.out) / 'report.json'}; fine-tuned Hugging Face model: "
           f"{Path(a.out) / 'hf_model'}")
@@ -121,7 +121,9 @@ def cmd_tune(a: argparse.Namespace) -> int:
     print(f"tuning {model.model_id} B={a.batch} T={a.seq} on {arch.name} for {a.budget:.0f}s "
           f"-> {db.path}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _interrupt)   # `kill`/`timeout` stop it like Ctrl-C
-    rep = tuning.tune(model, specs, arch, db, a.budget, progress=tuning.print_progress)
+    gain = tuning.MIN_GAIN if a.min_gain is None else a.min_gain
+    rep = tuning.tune(model, specs, arch, db, a.budget, progress=tuning.print_progress,
+                      min_gain=gain)
     print(rep.format())
     return 130 if rep.interrupted else 0
 
@@ -169,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-examples", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    t.add_argument("--in-process", action="store_true",
+                   help="run every stage in this process instead of one local board process per stage")
     _tuning_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--db", type=Path, default=None,
                    help="tuning database (default: ~/.cache/edgert/tuning/<hostname>.json)")
     u.add_argument("--target", default="host", help="a CPU target this machine runs (host)")
+    u.add_argument("--min-gain", type=float, default=None,
+                   help="use a tuned config only if this much faster (default 0.05)")
     u.set_defaults(func=cmd_tune)
 
     k = sub.add_parser("keys", help="create a cluster's CURVE keypairs (controller + boards)")

@@ -157,10 +157,11 @@ def test_choice_needs_an_interleaved_confirmation():
     tuning.decide(rec)
     assert rec["choice"] is None and not tuning.confirmed(rec)       # nothing confirmed yet
     rec["confirm"] = {"measured": 4, "default_ms": 9.0,
-                      "candidates": [{"config": a, "ms": 8.9}, {"config": b, "ms": 8.0}]}
-    tuning.decide(rec)
+                      "candidates": [{"config": a, "ms": 7.9, "ratio": 0.99},
+                                     {"config": b, "ms": 8.0, "ratio": 0.9}]}
+    tuning.decide(rec)      # b: faster than the default round by round (a: only its best round)
     assert tuning.confirmed(rec) and rec["choice"]["config"] == b and rec["choice"]["ms"] == 8.0
-    rec["confirm"]["candidates"][1]["ms"] = 8.8                      # < 3% faster: keep the default
+    rec["confirm"]["candidates"][1]["ratio"] = 0.96                  # < 5% faster: the default
     tuning.decide(rec)
     assert rec["choice"] is None
     rec["candidates"].append({"config": {"mr": 2}, "status": "ok", "ms": 5.0})
