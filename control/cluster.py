@@ -176,7 +176,7 @@ class LocalCluster:
 
     # ---- deploy ---------------------------------------------------------------------------------
     def deploy(self, bundle_dirs: list[Path | str], *, micro_batches: int = 2, mode: str = "sync",
-               update_every: int | None = None) -> None:
+               update_every: int | None = None, check_memory: bool = True) -> None:
         """Upload stage i to board i, then LOAD it with its row of the schedule.
 
         sync: 1F1B with a flush over `micro_batches` per step. async: PipeDream-2BW over a run
@@ -195,6 +195,8 @@ class LocalCluster:
         self.mode, self.n_mb, self.step = mode, micro_batches, 0
         self.group = (update_every or k) if mode == "async" else micro_batches
         self.stages = self.boards[:k]
+        if check_memory:   # the boards check again before loading (a second line of defence)
+            self.check_plan_memory(bundle_dirs, sched)
         for i, d in enumerate(bundle_dirs):
             self._upload(self.boards[i], Path(d), f"stage{i}")
         csv = to_csv(sched)
@@ -241,6 +243,32 @@ class LocalCluster:
         last = replies[next(k for k in wanted if k[0] == self.stages[-1].name)]
         self.last_step_replies = replies
         return {int(j): float(v) for j, v in last.header.body["losses"].items()}
+
+    def check_plan_memory(self, bundle_dirs: list[Path | str], sched) -> list[dict[str, Any]]:
+        """Refuse a plan whose stage footprints exceed the boards' budgets, before any upload.
+
+        Footprint per stage = the board's own estimate (edgert.board.estimate_footprint: weights,
+        gradients, AdamW moments, saved activations x micro-batches in flight in this schedule);
+        budgets come from the boards' PROFILE replies. Returns one row per board.
+        """
+        from edgert.board import estimate_footprint
+        from edgert.schedule import max_in_flight
+
+        rows, over = [], []
+        for i, d in enumerate(bundle_dirs):
+            b = self.boards[i]
+            m = load_manifest(Path(d), verify=False)
+            fp = estimate_footprint(m, max_in_flight(sched, i))
+            budget = self.request(b, Kind.PROFILE).header.body.get("budget")
+            rows.append({"board": b.name, "stage": i, "footprint": fp["total"], "budget": budget})
+            if budget is not None and fp["total"] > budget:
+                over.append(rows[-1])
+        if over:
+            table = "; ".join(f"{r['board']} (stage {r['stage']}): needs {r['footprint'] / 2**20:.0f} MiB, "
+                              f"budget {r['budget'] / 2**20:.0f} MiB" for r in over)
+            raise ConfigError(f"the plan does not fit the boards' memory: {table}. Use more stages "
+                              f"(--stages), fewer micro-batches in flight, or boards with larger budgets")
+        return rows
 
     def train_step(self, micro_batches: list[dict[str, np.ndarray]], opt: OptimConfig) -> float:
         """One sync optimizer step over the micro-batches; returns their mean loss."""

@@ -20,7 +20,7 @@ import zmq
 from control.cluster import LocalCluster
 from control.job import compile_bundles, load_model
 from control.local import LocalPipeline, OptimConfig
-from edgert.errors import BoardError
+from edgert.errors import BoardError, ConfigError
 from edgert.protocol import MAGIC, Kind, Message, encode
 from edgert.transport import ZmqTransport
 
@@ -205,10 +205,16 @@ def test_client_without_the_cluster_key_gets_nothing(fault_cluster, tmp_path):
         ctx.destroy(linger=0)
 
 
+def test_plan_over_budget_is_refused_before_upload(fault_cluster, bundles):
+    with pytest.raises(ConfigError, match=r"does not fit the boards' memory: board0 \(stage 0\): "
+                                          r"needs \d+ MiB, budget 64 MiB"):
+        fault_cluster.deploy(bundles[1], micro_batches=M)
+
+
 def test_bundle_over_budget_is_refused_before_loading(fault_cluster, bundles):
     with pytest.raises(BoardError, match=r"needs an estimated [\d.]+ MiB = 4 x [\d.]+ MiB "
                                          r"parameters .* over this board's budget of 64.0 MiB"):
-        fault_cluster.deploy(bundles[1], micro_batches=M)
+        fault_cluster.deploy(bundles[1], micro_batches=M, check_memory=False)
     prof = fault_cluster.profile(0)
     assert prof["stage"] is None
     assert not prof["modules"]["tvm_ffi"]            # TVM's runtime was never even loaded
