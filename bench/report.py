@@ -67,6 +67,29 @@ def gemm_table(g: dict) -> str:
     return "\n".join(rows)
 
 
+def pipeline_table(p: dict) -> str:
+    eff, rss = p["efficiency_vs_ideal"], p["peak_rss_ratio_vs_single"]
+    rows = ["| K boards | efficiency (speed-up / K) | ideal (M=4) | peak RSS of the largest board / single device |",
+            "|---|---|---|---|"]
+    for k in sorted(set(eff) | set(rss), key=int):
+        e = eff.get(k, {})
+        note = " (boards share 2 cores)" if e.get("shared_cores") else ""
+        rows.append(f"| {k} | {e.get('efficiency', float('nan')):.2f}{note} | {e.get('ideal', float('nan')):.2f} | "
+                    f"{rss.get(k, float('nan')):.2f} |")
+    t = p["transport_speedup_vs_http_json"]
+    gap = p.get("async_vs_sync_accuracy_gap_points")
+    notes = [f"Activation transfer, our protocol (CURVE-encrypted ZeroMQ, raw frames) vs JSON lists over "
+             f"HTTP (the Confidant prototype's way): {', '.join(f'{k} {v:.0f}x' for k, v in t.items())} faster."]
+    ceil = eff.get("2", {}).get("efficiency_vs_machine_ceiling")
+    if ceil:
+        notes.append(f"K=2 against what two independent single-core jobs reached at the same time on this "
+                     f"(shared) machine: {ceil:.2f} (ideal 0.80).")
+    if gap is not None:
+        notes.append(f"Async (PipeDream-2BW) vs sync held-out accuracy after equal steps: {gap:+.1f} points "
+                     f"(see docs/pipeline.md).")
+    return "\n".join(rows) + "\n\n" + "\n".join(notes)
+
+
 def main() -> int:
     parts = []
     r = _load("train_step.json")
@@ -75,6 +98,10 @@ def main() -> int:
     g = _load("gemm.json")
     if g and g.get("shapes"):
         parts.append("Per-shape GEMMs (`bench/bench_gemm.py`, `bench/results/gemm.json`):\n\n" + gemm_table(g))
+    p = _load("pipeline.json")
+    if p:
+        parts.append("Pipeline across local boards (`bench/bench_pipeline.py`, `bench/results/pipeline.json`,"
+                     " MiniLM batch 8 x 64, one core per board):\n\n" + pipeline_table(p))
     readme = ROOT / "README.md"
     text = readme.read_text()
     if BEGIN not in text:
