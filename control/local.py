@@ -181,6 +181,6 @@ class LocalPipeline:
         for i, st in enumerate(self.stages):
             st.set_params(params)
             if opt:
-                self.m[i] = [to_dev(opt[f"m/{t.name}"]) for t in st.manifest.params]
-                self.v[i] = [to_dev(opt[f"v/{t.name}"]) for t in st.manifest.params]
+                self.m[i] = [to_dev(np.array(opt[f"m/{t.name}"], copy=True)) for t in st.manifest.params]
+                self.v[i] = [to_dev(np.array(opt[f"v/{t.name}"], copy=True)) for t in st.manifest.params]
         self.step = step

@@ -158,4 +158,7 @@ class TvmStage:
         return {t.name: to_np(p).copy() for t, p in zip(self.manifest.params, self.params, strict=True)}
 
     def set_params(self, arrays: dict[str, np.ndarray]) -> None:
-        self.params = [to_dev(np.ascontiguousarray(arrays[t.name], dtype=t.dtype)) for t in self.manifest.params]
+        """Replace the parameters with copies of `arrays` (the optimizer updates them in place, so
+        sharing the caller's buffers would silently change the caller's arrays)."""
+        self.params = [to_dev(np.array(arrays[t.name], dtype=t.dtype, order="C", copy=True))
+                       for t in self.manifest.params]

@@ -19,7 +19,7 @@ import zmq
 
 from control.cluster import LocalCluster
 from control.job import compile_bundles, load_model
-from control.local import LocalPipeline, OptimConfig
+from control.local import LocalPipeline, OptimConfig, seed_vec, step_seed
 from edgert.errors import BoardError, ConfigError
 from edgert.protocol import MAGIC, Kind, Message, encode
 from edgert.transport import ZmqTransport
@@ -103,6 +103,43 @@ def test_async_2bw_trains_on_boards(bundles, real_batch):
         versions = [r.header.body["max_versions"] for r in c.last_step_replies.values()]
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
     assert max(versions) == 2
+
+
+def _reference_2bw(bundles, micro, group, opt):
+    """PipeDream-2BW semantics in one process: the micro-batches of update group g run forward and
+    backward on weight version max(0, g-1) (one stashed version), and their accumulated gradient is
+    applied to the newest version: W(g+1) = W(g) - update(grad at W(g-1))."""
+    pipe = LocalPipeline(bundles)
+    versions, losses = {0: pipe.params()}, []
+    for g in range(len(micro) // group):
+        for st in pipe.stages:
+            st.set_params(versions[max(0, g - 1)])
+        acc = None
+        for j in range(group):
+            loss, _, gr = pipe.forward_backward(micro[g * group + j],
+                                                seed_vec(step_seed(0, 1 + g, j), True), 1.0 / group)
+            losses.append(loss)
+            acc = gr if acc is None else [st.accumulate(a, b) for st, a, b in zip(pipe.stages, acc, gr)]
+        for st in pipe.stages:
+            st.set_params(versions[g])
+        for st, gg, m, v in zip(pipe.stages, acc, pipe.m, pipe.v, strict=True):
+            st.optimizer_step(gg, m, v, opt.hyper(g + 1))
+        versions[g + 1] = pipe.params()
+    return losses, versions[len(micro) // group]
+
+
+def test_async_2bw_equals_single_process_2bw_reference(bundles, micro_batches):
+    """The async pipeline computes exactly PipeDream-2BW's update rule (not an approximation of it)."""
+    micro = [mb for step in micro_batches[:4] for mb in step]          # 8 micro-batches, 4 updates
+    opt = OptimConfig(lr=1e-3)
+    with LocalCluster(2) as c:
+        c.deploy(bundles[2], micro_batches=len(micro), mode="async", update_every=2)
+        losses = c.train_async(micro, opt)
+        params = c.params()
+    ref_losses, ref_params = _reference_2bw(bundles[2], micro, 2, opt)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for k, v in ref_params.items():
+        np.testing.assert_allclose(params[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 # ---- faults -------------------------------------------------------------------------------------
