@@ -101,6 +101,19 @@ def sched_flat(sch, block, arch: Arch, dtype: str, *, parallel: bool = True) -> 
         sch.parallel(f)
 
 
+def sched_rows(f: tirx.PrimFunc, block: str, arch: Arch, dtype: str, *, parallel: bool = True
+               ) -> tirx.PrimFunc:
+    """A [rows, D] gather/select block: rows in parallel (when big enough), D vectorised."""
+    sch = schedule_of(f)
+    blk = sch.get_sblock(block)
+    r, d = sch.get_loops(blk)
+    n = _extent(sch, r) * _extent(sch, d)
+    if parallel and n >= PAR_MIN_ELEMS:
+        sch.parallel(r)
+    vectorize_loop(sch, d, arch.lanes(dtype))
+    return finish(sch)
+
+
 def _decompose_vec(sch, block, loop, lanes: int):
     """Move a reduction block's init out of `loop` and make sure the init loop is vectorised too."""
     init = sch.decompose_reduction(block, loop)
@@ -349,13 +362,7 @@ def build_take_rows(B: int, T: int, D: int, *, dtype: str = "float32", arch: Arc
     h = te.placeholder((B * T, D), dtype, name="h")
     cls = te.compute((B, D), lambda b, d: h[b * T, d], name="cls")
     f = te.create_prim_func([h, cls])
-    if not arch.is_cpu:
-        return f
-    sch = schedule_of(f)
-    blk = sch.get_sblock("cls")
-    _b, d = sch.get_loops(blk)
-    vectorize_loop(sch, d, arch.lanes(dtype))
-    return finish(sch)
+    return sched_rows(f, "cls", arch, dtype, parallel=False) if arch.is_cpu else f
 
 
 def build_scatter_rows_bwd(B: int, T: int, D: int, *, dtype: str = "float32",
@@ -370,15 +377,7 @@ def build_scatter_rows_bwd(B: int, T: int, D: int, *, dtype: str = "float32",
         name="dh",
     )
     f = te.create_prim_func([dcls, dh])
-    if not arch.is_cpu:
-        return f
-    sch = schedule_of(f)
-    blk = sch.get_sblock("dh")
-    r, d = sch.get_loops(blk)
-    if B * T * D >= PAR_MIN_ELEMS:
-        sch.parallel(r)
-    vectorize_loop(sch, d, arch.lanes(dtype))
-    return finish(sch)
+    return sched_rows(f, "dh", arch, dtype) if arch.is_cpu else f
 
 
 def build_accumulate(n: int, *, dtype: str = "float32", arch: Arch | None = None,

@@ -13,13 +13,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from compiler.arch import Arch
-from compiler.kernels.elementwise import (
-    PAR_MIN_ELEMS,
-    finish,
-    resolve_arch,
-    schedule_of,
-    vectorize_loop,
-)
+from compiler.kernels.elementwise import PAR_MIN_ELEMS, resolve_arch, sched_rows
 
 _FK = tirx.ForKind
 
@@ -44,15 +38,7 @@ def build_embed_fwd(B: int, T: int, V: int, D: int, P: int, NT: int, *, dtype: s
 
     s = te.compute((B * T, D), f_s, name="s")
     f = te.create_prim_func([ids, tt, word, pos, typ, s])
-    if not arch.is_cpu:
-        return f
-    sch = schedule_of(f)
-    blk = sch.get_sblock("s")
-    r, d = sch.get_loops(blk)
-    if B * T * D >= PAR_MIN_ELEMS:
-        sch.parallel(r)
-    vectorize_loop(sch, d, arch.lanes(dtype))
-    return finish(sch)
+    return sched_rows(f, "s", arch, dtype) if arch.is_cpu else f
 
 
 def _loop(name: str, extent: int, kind, body_fn, start: int = 0):
