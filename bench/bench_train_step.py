@@ -29,22 +29,13 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import numpy as np  # noqa: E402
 
-from bench.torch_baseline import count_flops, torch_train_step_time  # noqa: E402
+from bench.torch_baseline import _time, count_flops, torch_train_step_time  # noqa: E402
 from compiler.arch import get_arch  # noqa: E402
 from compiler.build import build_bundle, compile_stage  # noqa: E402
 from compiler.model_spec import StageSpec  # noqa: E402
 from control.job import load_model  # noqa: E402
 from control.local import LocalPipeline, OptimConfig, seed_vec  # noqa: E402
 from edgert.runtime import TvmStage  # noqa: E402
-
-
-def _timeit(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def _batch(B: int, T: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -86,7 +77,7 @@ def measure_peak(threads: int) -> float:
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    best = min(_timeit(lambda: a @ b, 10))
+    best = min(_time(lambda: a @ b, 10, 0))
     return 2 * 2048 ** 3 / (best / 1e3) / 1e9
 
 
@@ -199,13 +190,13 @@ def main(argv=None) -> int:
     pipe.train_step([batch], opt)  # warm-up
     for r in range(a.rounds):
         res["peak"].append(measure_peak(a.threads))
-        res["ours_step"] += _timeit(lambda: pipe.train_step([batch], opt), a.steps)
+        res["ours_step"] += _time(lambda: pipe.train_step([batch], opt), a.steps, 0)
         if tuned_pipe is not None:
-            res["ours_step_tuned"] += _timeit(lambda: tuned_pipe.train_step([batch], opt), a.steps)
-        res["ours_stage"] += _timeit(lambda: stage_fb(mid), a.steps)
+            res["ours_step_tuned"] += _time(lambda: tuned_pipe.train_step([batch], opt), a.steps, 0)
+        res["ours_stage"] += _time(lambda: stage_fb(mid), a.steps, 0)
         outs, saved = lay.forward([h, mask], sd)
-        res["ours_layer_fwd"] += _timeit(lambda: lay.forward([h, mask], sd), a.steps)
-        res["ours_layer_bwd"] += _timeit(lambda: lay.backward(saved, dh, sd), a.steps)
+        res["ours_layer_fwd"] += _time(lambda: lay.forward([h, mask], sd), a.steps, 0)
+        res["ours_layer_bwd"] += _time(lambda: lay.backward(saved, dh, sd), a.steps, 0)
         tt = torch_train_step_time(B, T, threads=a.threads, steps=a.steps, dropout=True, warmup=1,
                                    layer_steps=a.steps)
         res["torch_step"].append(tt.min_ms)
