@@ -25,7 +25,7 @@ Examples
 >>> log = EventLog()
 >>> seen = []
 >>> log.subscribe(seen.append)
->>> log.emit("step", step=1, loss=0.69)
+>>> _ = log.emit("step", step=1, loss=0.69)
 >>> seen[0].kind, seen[0].data["loss"]
 ('step', 0.69)
 >>> [e.data["step"] for e in log.of("step")]
