@@ -30,6 +30,7 @@ import tvm
 from compiler import inspect as ci
 from compiler.arch import get_arch
 from compiler.model_spec import StageSpec
+from tests.pocl_util import pocl_context, run_pocl
 
 SPEC = StageSpec(index=1, num_stages=3, first=2, last=3, batch=2, seq=16)
 ALL = os.environ.get("EDGERT_POCL_ALL", "") not in ("", "0")
@@ -155,20 +156,7 @@ def test_gpu_stage_has_opencl_kernels(gpu):
 
 @pytest.fixture(scope="module")
 def pocl(tmp_path_factory):
-    cl = pytest.importorskip("pyopencl", reason="pyopencl is not installed (pip install pyopencl)")
-    # PoCL's kernel cache goes to this session's tmp dir, not ~/.cache/pocl (before PoCL starts).
-    os.environ.setdefault("POCL_CACHE_DIR", str(tmp_path_factory.mktemp("pocl-cache")))
-    try:
-        platforms = cl.get_platforms()
-    except cl.Error as e:   # no ICD at all
-        pytest.skip(f"no OpenCL platform ({e}); apt-get install pocl-opencl-icd")
-    devs = [d for p in platforms if "Portable Computing Language" in p.name
-            for d in p.get_devices()]
-    if not devs:
-        pytest.skip(f"no PoCL device among OpenCL platforms {[p.name for p in platforms]}; "
-                    f"apt-get install pocl-opencl-icd")
-    ctx = cl.Context(devs[:1])
-    return cl, ctx, cl.CommandQueue(ctx)
+    return pocl_context(tmp_path_factory.mktemp("pocl-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -254,29 +242,6 @@ def _inputs(gk: ci.GpuKernel, rng) -> dict[str, np.ndarray]:
     return ins
 
 
-def _run_pocl(cl, ctx, queue, prog, gk: ci.GpuKernel, ins) -> dict[str, np.ndarray]:
-    mf = cl.mem_flags
-    bufs = {}
-    for name, shape, dtype in gk.params:
-        host = ins[name] if name in ins else np.zeros(shape, dtype)
-        bufs[name] = cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR,
-                               hostbuf=np.ascontiguousarray(host))
-    for name in gk.temps:   # intermediates (possibly sharing storage after StorageRewrite)
-        bufs[name] = cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR,
-                               hostbuf=np.zeros(max(gk.temp_pool_bytes, 4), np.uint8))
-    for L in gk.launches:   # in order: each reads what the previous ones wrote
-        k = cl.Kernel(prog, L.kernel)
-        k.set_args(*[bufs[a] for a, _ in L.args])
-        cl.enqueue_nd_range_kernel(queue, k, L.global_size, L.block)
-    out = {}
-    for name, shape, dtype in gk.params:
-        if name in gk.outputs:
-            out[name] = np.empty(shape, dtype)
-            cl.enqueue_copy(queue, out[name], bufs[name])
-    queue.finish()
-    return out
-
-
 def _run_cpu(ref, gk: ci.GpuKernel, ins) -> dict[str, np.ndarray]:
     args = [tvm.runtime.tensor(np.ascontiguousarray(ins[n]) if n in ins else np.zeros(s, d))
             for n, s, d in gk.params]
@@ -303,7 +268,7 @@ def test_gpu_kernels_match_cpu_on_pocl(gpu, pocl, pocl_program):
         want = _run_cpu(ref, gk, ins)
         t0 = time.perf_counter()
         try:
-            got = _run_pocl(cl, ctx, queue, prog, gk, ins)
+            got = run_pocl(cl, ctx, queue, prog, gk, ins)
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failures.append(f"{name}: could not run on PoCL: {type(e).__name__}: {e}")
             continue
