@@ -8,7 +8,7 @@ socket or replayed into a dashboard after the fact.
 Kinds and their fields (all optional fields may be absent):
 
     state       state: "starting"|"running"|"paused"|"stopping"|"stopped"|"finished"|"failed",
-                step, note
+                step, note, total_steps (the run's target; the dashboard's ETA uses it)
     plan        ranges: [[lo, hi], ...] layers per stage, boards: [name, ...], mode, micro_batches,
                 reason (why this plan: "start" | "board lost" | "re-plan" | "resume")
     step        step, loss, step_s, seq_per_s, lr
