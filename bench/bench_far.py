@@ -1,0 +1,234 @@
+"""Benchmark: FAR (retention 0.4) vs full fine-tuning vs random selection (MiniLM, Rotten Tomatoes).
+
+    .venv/bin/python bench/bench_far.py                        # ~5-10 min on 2 busy cores
+    .venv/bin/python bench/bench_far.py --steps 40 --eval 512  # quicker
+
+One process, one stage (every layer), batch 8 x 64 tokens, dropout on. The full run primes for
+5% of the steps; FAR (top-L1 learners) and the random control then start from that same primed
+state (weights + AdamW moments) and all three train on the *same* batches, their steps interleaved
+(the order rotates every step) so that the machine's load hits them alike. Reported: median step
+times and their ratios, per-step paired ratios, a forward / backward / optimizer breakdown, held-out
+accuracy after equal steps, and memory: the stage's training-state bytes from the manifests
+(params, grads, AdamW moments, saved activations) and the peak RSS of a fresh process per mode.
+Results: bench/results/far.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+OUT = ROOT / "bench" / "results" / "far.json"
+BUILD = ROOT / "build" / "bench_far"
+MIB = 1 << 20
+
+
+def _train_bytes(pipe) -> dict[str, int]:
+    """Bytes a training step holds: all params once, trained ones x3 more (grad, m, v), saved."""
+    m = pipe.stages[0].manifest
+    params = sum(t.nbytes for t in m.params)
+    trained = sum(t.nbytes for t in m.trainable)
+    saved = sum(t.nbytes for t in m.saved)
+    return {"params": params, "trained_params": trained, "saved_per_micro_batch": saved,
+            "total": params + 3 * trained + saved}
+
+
+def _vm(key: str) -> float:
+    """MiB of a /proc/self/status field (VmHWM: peak RSS; getrusage's ru_maxrss is useless in a
+    child: it inherits the parent's peak across fork + exec)."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":")) / 1024
+
+
+def _rss_child(bundle: str, batch: int, seq: int) -> None:
+    """(child process, like a board: no torch) load one stage, train 3 steps, print peak RSS."""
+    sys.modules["torch"] = None   # type: ignore[assignment]  # [Note: torch and tvm_ffi]
+    from bench.bench_pipeline import dataset
+    from control.local import LocalPipeline, OptimConfig
+
+    _, batches = dataset(batch, seq)
+    base = _vm("VmRSS")
+    pipe = LocalPipeline([bundle])
+    for b in batches[:3]:
+        pipe.train_step([b], OptimConfig(lr=1e-4))
+    print(json.dumps({"peak_rss_mib": _vm("VmHWM"), "stage_mib": _vm("VmHWM") - base}))
+
+
+def _peak_rss(bundle: Path, batch: int, seq: int) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--rss-child", str(bundle), "--batch", str(batch),
+                        "--seq", str(seq)], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _breakdown(pipes: dict, batch: dict, reps: int) -> dict:
+    """Median ms of forward, forward+backward and a whole train step per mode, interleaved."""
+    from control.local import OptimConfig, seed_vec
+
+    t: dict = {k: {"forward": [], "forward_backward": [], "step": []} for k in pipes}
+    for _ in range(reps):
+        for k, p in pipes.items():
+            t0 = time.perf_counter()
+            p.predict(batch)
+            t1 = time.perf_counter()
+            p.forward_backward(batch, seed_vec(5, True), 1.0)
+            t2 = time.perf_counter()
+            p.train_step([batch], OptimConfig(lr=1e-9))
+            t3 = time.perf_counter()
+            t[k]["forward"].append(t1 - t0)
+            t[k]["forward_backward"].append(t2 - t1)
+            t[k]["step"].append(t3 - t2)
+    return {k: {n: 1000 * statistics.median(v) for n, v in d.items()} for k, d in t.items()}
+
+
+def _layer_ffn(model, learners: int, batch: int, seq: int, reps: int) -> dict:
+    """One encoder layer (a middle stage) dense vs FAR: median forward / backward ms, interleaved."""
+    from compiler.arch import get_arch
+    from compiler.build import build_bundle
+    from compiler.far import far_spec, reconfigure, select
+    from compiler.model_spec import StageSpec
+    from control.local import seed_vec
+    from edgert.runtime import TvmStage
+
+    spec, arch = StageSpec(1, 3, 2, 3, batch, seq), get_arch("host")
+    plan = select({2: np.random.default_rng(0).random(model.dims.ffn)}, learners)
+    st = {}
+    for k, sp, w in (("full", spec, model.weights),
+                     ("far", far_spec(spec, plan), reconfigure(model.weights, plan))):
+        d = BUILD / f"layer_{k}"
+        build_bundle(d, model.dims, sp, arch, w, model.model_id, model.sha256, configs={})
+        st[k] = TvmStage.load(d)
+    h = model.weights["embeddings.word_embeddings.weight"][
+        np.arange(batch * seq) * 37 % model.dims.vocab]          # realistic scale, fixed rows
+    mask, seed = np.ones((batch, seq), np.int64), seed_vec(3, True)
+    t: dict = {k: {"forward": [], "backward": []} for k in st}
+    for _ in range(reps):
+        for k, s in st.items():
+            t0 = time.perf_counter()
+            outs, saved = s.forward([h, mask], seed)
+            t1 = time.perf_counter()
+            s.backward(saved, outs[0], seed)
+            t[k]["forward"].append(t1 - t0)
+            t[k]["backward"].append(time.perf_counter() - t1)
+    return {k: {n: 1000 * statistics.median(v) for n, v in d.items()} for k, d in t.items()}
+
+
+def run(a: argparse.Namespace) -> dict:
+    from bench.bench_pipeline import machine_info
+    from control.data import iterate_batches
+    from control.far import FarConfig, plan_from_priming, switch_to_far
+    from control.job import compile_bundles, load_model, rotten_tomatoes_batches
+    from control.local import LocalPipeline, OptimConfig
+
+    load0 = os.getloadavg()
+    model = load_model(num_labels=2, head_seed=0)
+    ck = {"stages": 1, "batch": a.batch, "seq": a.seq, "configs": {}}
+    t0 = time.perf_counter()
+    full = LocalPipeline(compile_bundles(model, BUILD / "full", progress=False, **ck))
+    compile_full = time.perf_counter() - t0
+    train_enc, train_y, test = rotten_tomatoes_batches(model.path / "tokenizer.json", a.seq,
+                                                       a.batch, a.eval, 0)
+    before = full.evaluate(test)
+    opt = OptimConfig(lr=a.lr, warmup_steps=max(1, a.steps // 10), total_steps=a.steps)
+    it = iterate_batches(train_enc, train_y, a.batch, 0, 0)
+    cfg = FarConfig(retention=a.retention)
+    n_prime = cfg.priming_steps(a.steps)
+    for _ in range(n_prime):
+        full.train_step([next(it)[1].as_dict()], opt)
+    primed = full.params()
+    pipes = {"full": full}
+    compile_far = []
+    for sel in ("l1", "random"):
+        plan = plan_from_priming(model.weights, primed, model.dims.layers, model.dims.ffn,
+                                 FarConfig(retention=a.retention, selection=sel))
+        t0 = time.perf_counter()
+        pipes[f"far_{sel}"] = switch_to_far(full, model, plan, BUILD / f"far_{sel}", **ck)
+        compile_far.append(time.perf_counter() - t0)
+    names = list(pipes)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    losses: dict[str, list[float]] = {k: [] for k in names}
+    for s in range(a.steps - n_prime):
+        micro = [next(it)[1].as_dict()]
+        for k in names[s % 3:] + names[:s % 3]:      # rotate the order: no mode always goes first
+            t0 = time.perf_counter()
+            losses[k].append(pipes[k].train_step(micro, opt))
+            times[k].append(time.perf_counter() - t0)
+    acc = {k: p.evaluate(test) for k, p in pipes.items()}
+    brk = _breakdown(pipes, test[0], a.reps)
+    layer = _layer_ffn(model, pipes["far_l1"].stages[0].manifest.stage["ffn_learners"], a.batch,
+                       a.seq, 3 * a.reps)
+    mem = {k: _train_bytes(p) for k, p in pipes.items()}
+    dirs = {"full": BUILD / "full" / "stage0", "far_l1": BUILD / "far_l1" / "stage0",
+            "far_random": BUILD / "far_random" / "stage0"}
+    rss = {k: _peak_rss(d, a.batch, a.seq) for k, d in dirs.items()}
+    med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    paired = {k: statistics.median(np.array(times[k]) / np.array(times["full"])) for k in names[1:]}
+    drop = {k: 100 * (acc["full"][1] - acc[k][1]) for k in names[1:]}
+    ffn_dw = 2 * 2 * a.batch * a.seq * model.dims.hidden * model.dims.ffn * model.dims.layers
+    res = {
+        "machine": machine_info(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+        "settings": {"model": model.model_id, "steps": a.steps, "priming_steps": n_prime,
+                     "batch": a.batch, "seq": a.seq, "lr": a.lr, "retention": a.retention,
+                     "learners_per_layer": pipes["far_l1"].stages[0].manifest.stage["ffn_learners"],
+                     "ffn": model.dims.ffn, "eval_examples": len(test) * a.batch, "stages": 1,
+                     "kernel_configs": "defaults (no tuning database)"},
+        "step_ms_median": med,
+        "step_time_ratio_vs_full": med["far_l1"] / med["full"],
+        "random_step_time_ratio_vs_full": med["far_random"] / med["full"],
+        "paired_step_ratio_median": paired,
+        "breakdown_ms": brk,
+        "one_layer_ms": layer,
+        "accuracy_before": before[1],
+        "accuracy": {k: v[1] for k, v in acc.items()},
+        "eval_loss": {k: v[0] for k, v in acc.items()},
+        "accuracy_drop_points": drop["far_l1"],
+        "random_accuracy_drop_points": drop["far_random"],
+        "train_loss_last10": {k: float(np.mean(v[-10:])) for k, v in losses.items()},
+        "train_state_mib": {k: {n: v / MIB for n, v in m.items()} for k, m in mem.items()},
+        "peak_rss_mib": rss,
+        "memory_ratio_vs_full": mem["far_l1"]["total"] / mem["full"]["total"],
+        "ffn_weight_grad_gflop_per_step": ffn_dw / 1e9,
+        "compile_seconds": {"full": compile_full, "far": compile_far},
+    }
+    res["goal"] = {"step_time_ratio_le_0.7": res["step_time_ratio_vs_full"] <= 0.7,
+                   "accuracy_drop_le_1_point": res["accuracy_drop_points"] <= 1.0}
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--retention", type=float, default=0.4)
+    p.add_argument("--eval", type=int, default=1024, help="held-out sentences")
+    p.add_argument("--reps", type=int, default=8, help="breakdown repetitions per mode")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.rss_child:
+        _rss_child(a.rss_child, a.batch, a.seq)
+        return 0
+    res = run(a)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(res, indent=1))
+    keys = ("step_ms_median", "step_time_ratio_vs_full", "random_step_time_ratio_vs_full",
+            "paired_step_ratio_median", "one_layer_ms", "accuracy", "accuracy_drop_points",
+            "random_accuracy_drop_points", "peak_rss_mib", "memory_ratio_vs_full", "goal")
+    print(json.dumps({k: res[k] for k in keys}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
