@@ -115,6 +115,12 @@ def export_hf(
         raise ConfigError(f"export_hf: num_labels must be a positive integer, got {num_labels!r}.")
     labels = _label_maps(int(num_labels), id2label)
 
+    far = sorted(n for n in weights if ".learner." in n or ".frozen." in n)
+    if far:
+        raise ModelError(
+            f"export_hf: {far[0]!r} is part of a FAR-reconfigured FFN; restore the dense layout "
+            "first: compiler.far.restore(weights, FarPlan.load('<run>/far_plan.json'))."
+        )
     want = {
         **expected_shapes(config),
         **pooler_shapes(config),
@@ -190,3 +196,28 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def export_hf_internal(out_dir: str | Path, config: BertConfig, weights: Mapping[str, np.ndarray],
+                       tokenizer_dir: str | Path, num_labels: int, *, lora_scale: float | None = None,
+                       id2label: Mapping[int, str] | Sequence[str] | None = None) -> Path:
+    """`export_hf` from internal (fused-QKV) weights, folding LoRA factors in first.
+
+    Parameters
+    ----------
+    weights : internal names (compiler/model_spec.py), e.g. `LocalPipeline.params()`; may hold
+        `encoder.layer.<i>.attention.self.qkv.lora_A/B` (then `lora_scale` = alpha / rank is needed).
+
+    Examples
+    --------
+    >>> export_hf_internal("out/hf", cfg, pipe.params(), model_dir, 2, lora_scale=2.0)  # doctest: +SKIP
+    """
+    from compiler.model_spec import split_qkv
+    from compiler.peft import merge_lora
+
+    has_lora = any(".lora_" in k for k in weights)
+    if has_lora and lora_scale is None:
+        raise ConfigError("the weights hold LoRA factors: pass lora_scale = lora_alpha / lora_rank "
+                            "(the bundle manifest's stage record has both) to merge them")
+    merged = merge_lora(dict(weights), lora_scale) if has_lora else dict(weights)
+    return export_hf(out_dir, config, split_qkv(merged), tokenizer_dir, num_labels, id2label)

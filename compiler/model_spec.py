@@ -58,6 +58,16 @@ class StageSpec:
     batch: int
     seq: int
     dropout: bool = True
+    # Parameters that are stage inputs but are not trained: no gradient, no AdamW state (see
+    # [Note: frozen params] in compiler/stage.py). Full internal names, e.g. FAR's frozen FFN parts.
+    frozen: tuple[str, ...] = ()
+    # FAR (docs/far.md): > 0 splits every layer's FFN into `ffn_learners` leading (learner) nodes
+    # and the rest (frozen); the parameters are then named by FAR_SPLIT instead of the dense ones.
+    ffn_learners: int = 0
+    # LoRA (compiler/peft.py): rank r > 0 adds, per layer, A [r, hidden] and B [3*hidden, r] on the
+    # fused QKV projection: qkv = x W^T + b + (lora_alpha / r) (x A^T) B^T.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
 
     @property
     def has_embeddings(self) -> bool:
@@ -137,16 +147,62 @@ HEAD_PARAMS = (
 )
 
 
+# FAR: a dense FFN tensor -> its (learner, frozen) parts; node n of the FFN is row n of the
+# intermediate weight and bias and column n of the output weight.
+FAR_SPLIT = {
+    "intermediate.dense.weight": ("intermediate.learner.weight", "intermediate.frozen.weight"),
+    "intermediate.dense.bias": ("intermediate.learner.bias", "intermediate.frozen.bias"),
+    "output.dense.weight": ("output.learner.weight", "output.frozen.weight"),
+}
+
+
+def _far_layer(n: str, shape: tuple[int, ...], r: int, dims: ModelDims):
+    """A layer parameter as FAR holds it: the dense tensor split along its FFN-node axis."""
+    if n not in FAR_SPLIT:
+        return [(n, shape)]
+    if not 0 < r < dims.ffn:
+        raise ConfigError(f"ffn_learners must be in 1..{dims.ffn - 1} (the FFN width), got {r}")
+    axis = 1 if n.startswith("output.") else 0
+    parts = []
+    for name, k in zip(FAR_SPLIT[n], (r, dims.ffn - r), strict=True):
+        parts.append((name, tuple(k if i == axis else s for i, s in enumerate(shape))))
+    return parts
+
+
+LORA_PARAMS = (
+    ("attention.self.qkv.lora_A", lambda d, r: (r, d.hidden)),
+    ("attention.self.qkv.lora_B", lambda d, r: (3 * d.hidden, r)),
+)
+
+
 def stage_params(spec: StageSpec, dims: ModelDims) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every parameter a stage owns, in the order its functions take them."""
+    """(name, shape) of every parameter a stage owns (trained or frozen), in the order its
+    functions take them."""
     out: list[tuple[str, tuple[int, ...]]] = []
     if spec.has_embeddings:
         out += [(n, f(dims)) for n, f in EMBED_PARAMS]
     for li in range(spec.first, spec.last):
-        out += [(f"encoder.layer.{li}.{n}", f(dims)) for n, f in LAYER_PARAMS]
+        for n, f in LAYER_PARAMS:
+            parts = _far_layer(n, f(dims), spec.ffn_learners, dims) if spec.ffn_learners else \
+                [(n, f(dims))]
+            out += [(f"encoder.layer.{li}.{pn}", ps) for pn, ps in parts]
+        if spec.lora_rank:   # LoRA factors of the fused QKV (compiler/peft.py)
+            out += [(f"encoder.layer.{li}.{ln}", lf(dims, spec.lora_rank))
+                    for ln, lf in LORA_PARAMS]
     if spec.has_head:
         out += [(n, f(dims)) for n, f in HEAD_PARAMS]
     return out
+
+
+def trainable_params(spec: StageSpec, dims: ModelDims) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters a stage trains (stage_params minus `spec.frozen`), in the order its
+    backward returns gradients and its optimizer takes them."""
+    params = stage_params(spec, dims)
+    unknown = set(spec.frozen) - {n for n, _ in params}
+    if unknown:
+        raise ConfigError(f"stage {spec.index} freezes parameters it does not own: "
+                          f"{sorted(unknown)[:4]}; name them as compiler.model_spec.stage_params does")
+    return [(n, s) for n, s in params if n not in set(spec.frozen)]
 
 
 _QKV = ("query", "key", "value")
@@ -167,7 +223,7 @@ def split_qkv(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Internal names -> checkpoint names (the inverse of fuse_qkv); works on gradients too."""
     out = {}
     for name, t in tensors.items():
-        if ".attention.self.qkv." in name:
+        if ".attention.self.qkv." in name and name.rsplit(".", 1)[1] in ("weight", "bias"):
             pre, kind = name.split(".attention.self.qkv.")
             for q, part in zip(_QKV, np.split(t, 3, axis=0), strict=True):
                 out[f"{pre}.attention.self.{q}.{kind}"] = np.ascontiguousarray(part)

@@ -18,6 +18,11 @@ Entry points (names fixed in `edgert.artifact`):
 data = (input_ids, token_type_ids) on the first stage, else (hidden,); then attention_mask; then
 labels on the last stage. Dropout masks come from a counter hash of (seed, site, index): the same seed
 given to forward and backward reproduces them (see compiler/kernels/common.py).
+
+[Note: frozen params] `*params` of forward/backward are all the stage's parameters
+(model_spec.stage_params); those named in `StageSpec.frozen` are inputs only: the backward returns
+gradients for the trainable ones (model_spec.trainable_params) alone, and optimizer_step /
+grad_accumulate take only those. The bundle manifest's `stage["frozen"]` carries the set to the board.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import tvm
 from tvm import relax
 
 from compiler.arch import Arch
+from compiler import far_ffn
+from compiler import peft
 from compiler.kernels import attention, elementwise, embed, gemm, inplace, loss, norm, optim
-from compiler.model_spec import ModelDims, StageSpec, stage_params
+from compiler.model_spec import ModelDims, StageSpec, stage_params, trainable_params
 from edgert.artifact import ACCUMULATE, OPTIMIZER_STEP, STAGE_BACKWARD, STAGE_FORWARD
 
 
@@ -100,6 +107,7 @@ class StageGraph:
         self.p_h = dims.hidden_dropout if spec.dropout else 0.0
         self.p_a = dims.attn_dropout if spec.dropout else 0.0
         self.params = stage_params(spec, dims)
+        self.trainable = trainable_params(spec, dims)   # See [Note: frozen params]
         self.bb = relax.BlockBuilder()
         self.E = Emitter(self.bb, arch, dtype, configs or {})
         self.saved_names: list[str] = []
@@ -118,8 +126,9 @@ class StageGraph:
             vs.append(relax.Var("labels", _tt((B,), "int64")))
         return vs
 
-    def param_vars(self, prefix: str = "") -> list[relax.Var]:
-        return [relax.Var(prefix + n.replace(".", "_"), _tt(shape, self.dtype)) for n, shape in self.params]
+    def param_vars(self, prefix: str = "", which=None) -> list[relax.Var]:
+        return [relax.Var(prefix + n.replace(".", "_"), _tt(shape, self.dtype))
+                for n, shape in (self.params if which is None else which)]
 
     # ---- forward --------------------------------------------------------------------------
     def _layer_fwd(self, x, maskf, seed, P, li):
@@ -127,6 +136,9 @@ class StageGraph:
         B, T, D, F = self.s.batch, self.s.seq, d.hidden, d.ffn
         (qkv,) = E(gemm.build_gemm, [x, P["attention.self.qkv.weight"], P["attention.self.qkv.bias"]],
                    M, 3 * D, D, trans_b=True, bias=True)
+        lora_saved = {}
+        if self.s.lora_rank:      # LoRA on the fused QKV (compiler/peft.py)
+            qkv, lora_saved = peft.lora_forward(self, x, qkv, P)
         ctx, probs = E(attention.build_attention_fwd, [qkv, maskf, seed], B, T, d.heads, d.head_dim,
                        n_out=2, dropout=self.p_a, salt=_salt(li, 0))
         (proj,) = E(gemm.build_gemm, [ctx, P["attention.output.dense.weight"],
@@ -135,17 +147,21 @@ class StageGraph:
                              [proj, x, P["attention.output.LayerNorm.weight"],
                               P["attention.output.LayerNorm.bias"], seed],
                              M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_h, salt=_salt(li, 1))
-        (u,) = E(gemm.build_gemm, [h1, P["intermediate.dense.weight"], P["intermediate.dense.bias"]],
-                 M, F, D, trans_b=True, bias=True)
-        (g,) = E(elementwise.build_gelu, [u], M, F)
-        (z,) = E(gemm.build_gemm, [g, P["output.dense.weight"], P["output.dense.bias"]],
-                 M, D, F, trans_b=True, bias=True)
+        if self.s.ffn_learners:   # FAR: learner + frozen sublayers (compiler/far_ffn.py)
+            z, ffn_saved = far_ffn.forward(self, h1, P)
+        else:
+            (u,) = E(gemm.build_gemm, [h1, P["intermediate.dense.weight"], P["intermediate.dense.bias"]],
+                     M, F, D, trans_b=True, bias=True)
+            (g,) = E(elementwise.build_gelu, [u], M, F)
+            (z,) = E(gemm.build_gemm, [g, P["output.dense.weight"], P["output.dense.bias"]],
+                     M, D, F, trans_b=True, bias=True)
+            ffn_saved = dict(u=u, g=g)
         h2, xhat2, rstd2 = E(norm.build_layernorm_fwd,
                              [z, h1, P["output.LayerNorm.weight"], P["output.LayerNorm.bias"], seed],
                              M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_h, salt=_salt(li, 2))
         del dt
-        saved = dict(x=x, qkv=qkv, probs=probs, ctx=ctx, xhat1=xhat1, rstd1=rstd1, h1=h1, u=u, g=g,
-                     xhat2=xhat2, rstd2=rstd2)
+        saved = dict(x=x, qkv=qkv, probs=probs, ctx=ctx, xhat1=xhat1, rstd1=rstd1, h1=h1, **ffn_saved,
+                     xhat2=xhat2, rstd2=rstd2, **lora_saved)
         return h2, saved
 
     def _embed_fwd(self, ids, tt, seed, P):
@@ -221,12 +237,17 @@ class StageGraph:
               M, D, n_out=4 if self.p_h > 0 else 3, dropout=self.p_h, salt=_salt(li, 2))
         ds2, G["output.LayerNorm.weight"], G["output.LayerNorm.bias"] = o[:3]
         dz = o[3] if self.p_h > 0 else ds2
-        (G["output.dense.weight"],) = E(gemm.build_gemm, [dz, S["g"]], D, F, M, trans_a=True)
         (G["output.dense.bias"],) = E(elementwise.build_bias_grad, [dz], M, D)
-        (du,) = E(gemm.build_gemm, [dz, P["output.dense.weight"], S["u"]], M, F, D, epilogue="gelu_grad")
-        (G["intermediate.dense.weight"],) = E(gemm.build_gemm, [du, S["h1"]], F, D, M, trans_a=True)
-        (G["intermediate.dense.bias"],) = E(elementwise.build_bias_grad, [du], M, F)
-        (dh1,) = E(gemm.build_gemm, [du, P["intermediate.dense.weight"], ds2], M, D, F, epilogue="add")
+        if self.s.ffn_learners:   # FAR: weight gradients of the learner part only
+            dh1 = far_ffn.backward(self, dz, ds2, S, P, G)
+        else:
+            (G["output.dense.weight"],) = E(gemm.build_gemm, [dz, S["g"]], D, F, M, trans_a=True)
+            (du,) = E(gemm.build_gemm, [dz, P["output.dense.weight"], S["u"]], M, F, D,
+                      epilogue="gelu_grad")
+            (G["intermediate.dense.weight"],) = E(gemm.build_gemm, [du, S["h1"]], F, D, M, trans_a=True)
+            (G["intermediate.dense.bias"],) = E(elementwise.build_bias_grad, [du], M, F)
+            (dh1,) = E(gemm.build_gemm, [du, P["intermediate.dense.weight"], ds2], M, D, F,
+                       epilogue="add")
         o = E(norm.build_layernorm_bwd, [dh1, S["xhat1"], S["rstd1"],
                                          P["attention.output.LayerNorm.weight"], seed],
               M, D, n_out=4 if self.p_h > 0 else 3, dropout=self.p_h, salt=_salt(li, 1))
@@ -240,6 +261,8 @@ class StageGraph:
         (G["attention.self.qkv.weight"],) = E(gemm.build_gemm, [dqkv, S["x"]], 3 * D, D, M, trans_a=True)
         (G["attention.self.qkv.bias"],) = E(elementwise.build_bias_grad, [dqkv], M, 3 * D)
         (dx,) = E(gemm.build_gemm, [dqkv, P["attention.self.qkv.weight"], ds1], M, D, 3 * D, epilogue="add")
+        if self.s.lora_rank:      # LoRA factor gradients + input-gradient path (compiler/peft.py)
+            dx = peft.lora_backward(self, dqkv, dx, S, P, G)
         return dx
 
     def _embed_bwd(self, dy, S, seed, P, G):
@@ -301,7 +324,7 @@ class StageGraph:
                 if s.has_embeddings:
                     S = {k[4:]: v for k, v in SV.items() if k.startswith("emb.")}
                     self._embed_bwd(dh, S, seed, P, G)
-                grads = [G[n] for n, _ in self.params]
+                grads = [G[n] for n, _ in self.trainable]   # See [Note: frozen params]
                 outs = grads if s.has_embeddings else [dh, *grads]
                 o = bb.emit_output(relax.Tuple(outs))
             bb.emit_func_output(o)
@@ -312,13 +335,14 @@ class StageGraph:
 
     def build_optimizer(self):
         bb, E = self.bb, self.E
-        params, grads = self.param_vars("p_"), self.param_vars("g_")
-        ms, vs = self.param_vars("m_"), self.param_vars("v_")
+        tr = self.trainable   # See [Note: frozen params]
+        params, grads = self.param_vars("p_", tr), self.param_vars("g_", tr)
+        ms, vs = self.param_vars("m_", tr), self.param_vars("v_", tr)
         hyper = relax.Var("hyper", _tt((8,), self.dtype))
         with bb.function(OPTIMIZER_STEP, [*params, *grads, *ms, *vs, hyper]):
             with bb.dataflow():
                 outs = []
-                for (_, shape), p, g, m, v in zip(self.params, params, grads, ms, vs, strict=True):
+                for (_, shape), p, g, m, v in zip(tr, params, grads, ms, vs, strict=True):
                     n = math.prod(shape)
                     flat = [self._flat(t, n) for t in (p, g, m, v)]
                     if self.arch.is_cpu:   # in place: no second copy of weights and moments
@@ -326,19 +350,19 @@ class StageGraph:
                     else:                  # GPU: dlight-scheduled elementwise kernel, out of place
                         r = E(optim.build_adamw, [*flat, hyper], n, n_out=3)
                     outs.append(r)
-                newp = [bb.emit(relax.op.reshape(r[0], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
-                newm = [bb.emit(relax.op.reshape(r[1], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
-                newv = [bb.emit(relax.op.reshape(r[2], shape)) for r, (_, shape) in zip(outs, self.params, strict=True)]
+                newp = [bb.emit(relax.op.reshape(r[0], shape)) for r, (_, shape) in zip(outs, tr, strict=True)]
+                newm = [bb.emit(relax.op.reshape(r[1], shape)) for r, (_, shape) in zip(outs, tr, strict=True)]
+                newv = [bb.emit(relax.op.reshape(r[2], shape)) for r, (_, shape) in zip(outs, tr, strict=True)]
                 o = bb.emit_output(relax.Tuple([*newp, *newm, *newv]))
             bb.emit_func_output(o)
 
     def build_accumulate(self):
         bb, E = self.bb, self.E
-        accs, grads = self.param_vars("a_"), self.param_vars("g_")
+        accs, grads = self.param_vars("a_", self.trainable), self.param_vars("g_", self.trainable)
         with bb.function(ACCUMULATE, [*accs, *grads]):
             with bb.dataflow():
                 outs = []
-                for (_, shape), a, g in zip(self.params, accs, grads, strict=True):
+                for (_, shape), a, g in zip(self.trainable, accs, grads, strict=True):
                     n = math.prod(shape)
                     fa, fg = self._flat(a, n), self._flat(g, n)
                     if self.arch.is_cpu:

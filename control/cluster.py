@@ -9,21 +9,26 @@ hyper vectors are computed here with control.local's functions (see edgert/execu
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from control.cgroup import MemoryCgroup
 from control.local import OptimConfig, seed_vec, step_seed
+from control.telemetry import TelemetryClient, reachable
 from edgert.artifact import MANIFEST_FILE, Manifest, load_manifest
 from edgert.errors import BoardError, ConfigError
 from edgert.protocol import Kind, Message, chunk_file
@@ -52,6 +57,23 @@ class BoardProc:
         return "\n".join("    " + line for line in lines)
 
 
+try:        # resolved here, in the parent: the forked child must not dlopen (loader locks)
+    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _board_preexec() -> None:
+    """In a board process before exec: ignore Ctrl-C (the controller stops the boards itself,
+    after a checkpoint) and die with the controller (no orphan boards after a `kill -9`).
+
+    PR_SET_PDEATHSIG fires when the *thread* that started the board exits: start a cluster in a
+    thread that outlives it (the main thread, or the thread of a `control.run.Run`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)           # 1 = PR_SET_PDEATHSIG
+
+
 class LocalCluster:
     """N board processes on this machine plus the controller's links to them.
 
@@ -65,7 +87,9 @@ class LocalCluster:
 
     def __init__(self, n_boards: int, *, budget_mib: float | None = None, threads: int = 1,
                  run_seed: int = 0, timeout: float = 120.0, start_timeout: float = 30.0,
-                 workdir: Path | str | None = None, max_msg_mib: float | None = None) -> None:
+                 workdir: Path | str | None = None, max_msg_mib: float | None = None,
+                 mem_cap_mib: float | None = None, telemetry_s: float | None = None,
+                 launcher: Callable[[str, list[str]], list[str]] | None = None) -> None:
         if type(n_boards) is not int or n_boards < 1:
             raise ConfigError(f"n_boards must be an integer >= 1, got {n_boards!r}")
         self.timeout = timeout                  # s per request
@@ -83,15 +107,24 @@ class LocalCluster:
         self.boards: list[BoardProc] = []
         self.t: ZmqTransport | None = None
         self._seq = itertools.count(1)
+        self._fence = 0          # requests before the last fence(): late ERRORs are stale
         self._closed = False
+        # Memory caps (control/cgroup.py) and push telemetry (control/telemetry.py).
+        self.mem_cap_mib, self.telemetry_s = mem_cap_mib, telemetry_s
+        # launcher(name, argv) -> argv: how a board starts, e.g. under qemu (control/boards.py)
+        self.launcher = launcher
+        self.cgroups: dict[str, MemoryCgroup] = {}
+        self.telemetry: TelemetryClient | None = None
         try:
             self.boards = [self._spawn(n, budget_mib, threads, max_msg_mib) for n in names]
             self._wait_listening(start_timeout)
             self.t = ZmqTransport(CONTROLLER, keys=self.keys, max_msg_bytes=-1)
             for b in self.boards:
                 self.t.connect(b.name, b.endpoint)
-            for b in self.boards:
-                self.request(b, Kind.HELLO, timeout=start_timeout)
+            pubs = {b.name: self.request(b, Kind.HELLO, timeout=start_timeout).header.body.get(
+                "telemetry") for b in self.boards}
+            self.telemetry = TelemetryClient(self.keys, {
+                b.name: reachable(pubs[b.name], b.endpoint) for b in self.boards if pubs[b.name]})
         except BaseException:
             self.close()
             raise
@@ -107,9 +140,17 @@ class LocalCluster:
             cmd += ["--budget-mib", str(budget_mib)]
         if max_msg_mib is not None:
             cmd += ["--max-msg-mib", str(max_msg_mib)]
+        if self.telemetry_s is not None:
+            cmd += ["--telemetry-s", str(self.telemetry_s)]
+        if self.launcher is not None:
+            cmd = self.launcher(name, cmd)
+        if self.mem_cap_mib is not None:
+            cg = MemoryCgroup.create(name, int(self.mem_cap_mib * (1 << 20)))
+            self.cgroups[name] = cg
+            cmd = cg.wrap(cmd)        # the board joins its cgroup before Python starts
         with open(log_path, "wb") as errf:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, preexec_fn=_board_preexec)
         return BoardProc(name, proc, "", log_path)
 
     def _wait_listening(self, timeout: float) -> None:
@@ -124,14 +165,36 @@ class LocalCluster:
                     b.endpoint = line.split()[-1]
                 elif not line and (b.proc.poll() is not None or left <= 0):
                     raise BoardError(f"{b.name} did not start within {timeout:.0f} s "
-                                     f"(exit code {b.proc.poll()}); its log:\n{b.log_tail()}")
+                                     f"(exit code {b.proc.poll()}){self._death_note(b)}; its "
+                                     f"log:\n{b.log_tail()}")
 
     def _check_alive(self) -> None:
         for b in self.boards:
             rc = b.proc.poll()
             if rc is not None:
-                raise BoardError(f"{b.name} (pid {b.proc.pid}) exited with code {rc}; its log:\n"
-                                 f"{b.log_tail()}")
+                raise BoardError(f"{b.name} (pid {b.proc.pid}) exited with code {rc}"
+                                 f"{self._death_note(b)}; its log:\n{b.log_tail()}")
+
+    def _death_note(self, b: BoardProc) -> str:
+        """'; <board> hit its memory cap ...' when a capped board was OOM-killed, else ''."""
+        cg = self.cgroups.get(b.name)
+        note = cg.oom_report() if cg is not None else None
+        if note is None:
+            return ""
+        if b.manifest is not None and self.stages:     # what it was asked to hold
+            from edgert.board import estimate_footprint
+
+            k, i = len(self.stages), self.stages.index(b) if b in self.stages else 0
+            fp = estimate_footprint(b.manifest, min(k - i, self.n_mb or 1))["total"]
+            need = fp / 2**20 + 45                     # + the idle runtime process, MiB
+            note += (f". Its stage's estimate: {fp / 2**20:.0f} MiB of tensors + ~45 MiB of "
+                     f"runtime = {need:.0f} MiB, {need - cg.limit_bytes / 2**20:+.0f} MiB against "
+                     f"the cap (the estimate runs 1.3-1.9x low: docs/pipeline.md)")
+        last = self.telemetry.latest(b.name) if self.telemetry is not None else None
+        if last is not None:
+            note += (f". Last telemetry: RSS {last['rss'] / 2**20:.0f} MiB, peak "
+                     f"{last['peak_rss'] / 2**20:.0f} MiB, after step {last.get('step')}")
+        return "; " + note
 
     # ---- messaging ------------------------------------------------------------------------------
     def send(self, b: BoardProc, kind: Kind, **kw: Any) -> int:
@@ -149,6 +212,7 @@ class LocalCluster:
         assert self.t is not None
         deadline = time.monotonic() + (timeout or self.timeout)
         got: dict[tuple[str, int], Message] = {}
+        next_check = time.monotonic() + 0.5
         while len(got) < len(wanted):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -156,11 +220,17 @@ class LocalCluster:
                 raise BoardError(f"no reply within {timeout or self.timeout:.0f} s from "
                                  f"{missing}; the boards' logs are in {self.root}")
             r = self.t.recv(min(left, 0.5))
-            if r is None:
+            if r is None or time.monotonic() >= next_check:   # heartbeats must not hide a death
                 self._check_alive()
+                next_check = time.monotonic() + 0.5
+            if r is None:
                 continue
             peer, msg = r
             key = (str(peer), int(msg.header.body.get("ref_seq", -1)))
+            if msg.kind is Kind.ERROR and key not in wanted and key[1] < self._fence:
+                log.info("ignoring a late ERROR for request %d (sent before the last fence): %s",
+                         key[1], msg.header.body.get("message"))
+                continue
             if msg.kind is Kind.ERROR:
                 body = msg.header.body
                 raise BoardError(f"{peer} refused request {key[1]}: {body.get('type')}: "
@@ -192,6 +262,7 @@ class LocalCluster:
         else:
             raise ConfigError(f"mode must be 'sync' or 'async', got {mode!r}")
         validate(sched, k, micro_batches)
+        self.fence()
         self.mode, self.n_mb, self.step = mode, micro_batches, 0
         self.group = (update_every or k) if mode == "async" else micro_batches
         self.stages = self.boards[:k]
@@ -211,6 +282,11 @@ class LocalCluster:
                     "next": self.boards[i + 1].name if i < k - 1 else None}
             wanted.add((b.name, self.send(b, Kind.LOAD, body=body)))
         self.collect(wanted)
+
+    def upload(self, b: BoardProc, bundle: Path, name: str) -> None:
+        """Upload a bundle directory to board `b` as `name` (no LOAD; forward-gradient clients
+        load theirs with a FWDGRAD request, control/federated.py)."""
+        self._upload(b, Path(bundle), name)
 
     def _upload(self, b: BoardProc, bundle: Path, name: str) -> None:
         if not (bundle / MANIFEST_FILE).is_file():
@@ -322,11 +398,33 @@ class LocalCluster:
             wanted.add((b.name, self.send(b, Kind.STATE, body={"op": "set", "what": "params"},
                                           arrays={n: params[n] for n in names})))
             if opt is not None:
-                arrays = {f"{k}/{n}": opt[f"{k}/{n}"] for k in ("m", "v") for n in names}
+                trained = [t.name for t in b.manifest.trainable]   # frozen params have no moments
+                arrays = {f"{k}/{n}": opt[f"{k}/{n}"] for k in ("m", "v") for n in trained}
                 wanted.add((b.name, self.send(b, Kind.STATE, arrays=arrays,
                                               body={"op": "set", "what": "optim", "step": step})))
         self.collect(wanted)
         self.step = step
+
+    def fence(self) -> None:
+        """From now on, ignore late ERROR replies to requests sent before this call (e.g. those of
+        a step abandoned after a board was lost)."""
+        self._fence = next(self._seq)
+
+    def drop_boards(self, names: list[str]) -> None:
+        """Forget lost boards (kill them if still running), so the survivors can be redeployed.
+
+        The survivors keep their processes and links: a new `deploy` LOADs them in place (LOAD
+        drops a half-run step and its queued messages on the board).
+        """
+        for b in [b for b in self.boards if b.name in names]:
+            if b.proc.poll() is None:
+                b.proc.kill()
+            b.proc.wait()
+            if b.proc.stdout is not None:
+                b.proc.stdout.close()
+            self.boards.remove(b)
+            if b in self.stages:
+                self.stages.remove(b)
 
     def profile(self, i: int = 0) -> dict[str, Any]:
         return dict(self.request(self.boards[i], Kind.PROFILE).header.body)
@@ -362,6 +460,13 @@ class LocalCluster:
                 b.proc.stdout.close()
         if self.t is not None:
             self.t.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
+        for cg in self.cgroups.values():
+            try:
+                cg.close()
+            except ConfigError as e:
+                log.warning("%s", e)
         if self._own_dir:
             shutil.rmtree(self.root, ignore_errors=True)
 

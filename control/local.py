@@ -121,7 +121,7 @@ class LocalPipeline:
     def grads(self, batch: dict[str, np.ndarray]) -> tuple[float, list[dict[str, np.ndarray]]]:
         """Loss and parameter gradients of one batch with dropout off (no update)."""
         loss, _, grads = self.forward_backward(batch, seed_vec(1, False), 1.0)
-        named = [{t.name: to_np(g).copy() for t, g in zip(st.manifest.params, gs, strict=True)}
+        named = [{t.name: to_np(g).copy() for t, g in zip(st.manifest.trainable, gs, strict=True)}
                  for st, gs in zip(self.stages, grads, strict=True)]
         return loss, named
 
@@ -172,7 +172,7 @@ class LocalPipeline:
     def optimizer_state(self) -> dict[str, np.ndarray]:
         out = {}
         for st, m, v in zip(self.stages, self.m, self.v, strict=True):
-            for t, a, b in zip(st.manifest.params, m, v, strict=True):
+            for t, a, b in zip(st.manifest.trainable, m, v, strict=True):
                 out[f"m/{t.name}"] = to_np(a).copy()
                 out[f"v/{t.name}"] = to_np(b).copy()
         return out
@@ -181,6 +181,7 @@ class LocalPipeline:
         for i, st in enumerate(self.stages):
             st.set_params(params)
             if opt:
-                self.m[i] = [to_dev(np.array(opt[f"m/{t.name}"], copy=True)) for t in st.manifest.params]
-                self.v[i] = [to_dev(np.array(opt[f"v/{t.name}"], copy=True)) for t in st.manifest.params]
+                tr = st.manifest.trainable   # frozen params have no moments
+                self.m[i] = [to_dev(np.array(opt[f"m/{t.name}"], copy=True)) for t in tr]
+                self.v[i] = [to_dev(np.array(opt[f"v/{t.name}"], copy=True)) for t in tr]
         self.step = step

@@ -11,6 +11,8 @@ docs/partition.md) with a per-board memory constraint and an intra-board attenti
 for boards in pipeline order k = 0..K-1 and layer prefixes j; O(L^2 K). The embeddings always go
 with stage 0 and the pooler/classifier/loss head with stage K-1. A second pass over the same table
 picks, among the splits with the optimal bottleneck, the one with the least total compute time.
+`plan(..., objective="memory")` runs the same DP with the stage footprint as the term: it minimises
+the largest stage's memory (ties: the least bottleneck), for boards too small for an even split.
 
     >>> from compiler.model_spec import ModelDims
     >>> dims = ModelDims(vocab=30522, hidden=384, layers=6, heads=12, ffn=1536, max_pos=512,
@@ -433,6 +435,21 @@ class _Model:
         _, bounds = self.dp(self.stage_ms, lambda a, b: a + b, ok)
         return best, bounds
 
+    def mem_term(self, k: int, i: int, j: int) -> float:
+        return float(self.stage_mem(k, i, j)[0])
+
+    def solve_memory(self) -> tuple[float, list[int]]:
+        """Least largest-stage footprint; among those splits, the least bottleneck."""
+        best, _ = self.dp(self.mem_term, max, self.fits)
+        if best == math.inf:
+            return best, []
+        cap = best * (1 + 1e-9) + 1e-12
+
+        def ok(k: int, i: int, j: int) -> bool:
+            return self.fits(k, i, j) and self.mem_term(k, i, j) <= cap
+
+        return best, self.dp(self.bottleneck_term, max, ok)[1]
+
     def least_short(self) -> list[int]:
         """The split whose worst memory excess is smallest (for the error message)."""
         return self.dp(self.excess, max, lambda k, i, j: True)[1]
@@ -519,8 +536,8 @@ MAX_ORDER_SEARCH = 6
 
 def plan(costs: ModelCosts, boards: Sequence[Board], n_micro: int, *, links: Links | None = None,
          order: Sequence[int | str] | None = None, search_order: bool = False,
-         schedule: str = "1f1b") -> PartitionPlan:
-    """Contiguous layer ranges, one per board, minimising the pipeline's bottleneck.
+         schedule: str = "1f1b", objective: str = "time") -> PartitionPlan:
+    """Contiguous layer ranges, one per board, minimising the pipeline's bottleneck (or memory).
 
     Parameters
     ----------
@@ -534,6 +551,10 @@ def plan(costs: ModelCosts, boards: Sequence[Board], n_micro: int, *, links: Lin
         Bandwidth and latency between boards (default: free).
     search_order : bool
         Also try every pipeline order of the boards (up to 6 boards) and keep the best.
+    objective : {"time", "memory"}
+        "time": least bottleneck (ties: least total compute). "memory": least footprint of the
+        largest stage (ties: least bottleneck), for boards that cannot hold an even split; its
+        stages are compute-unbalanced (stage 0 holds the embeddings, so it gets fewest layers).
 
     Raises
     ------
@@ -541,6 +562,8 @@ def plan(costs: ModelCosts, boards: Sequence[Board], n_micro: int, *, links: Lin
         If no split fits every budget: says which board is short by how much in the closest split.
     """
     links = links or Links()
+    if objective not in ("time", "memory"):
+        raise ConfigError(f"objective must be 'time' or 'memory', got {objective!r}")
     if n_micro < 1:
         raise ConfigError(f"n_micro must be >= 1, got {n_micro}")
     K, L = len(boards), costs.layers
@@ -558,10 +581,13 @@ def plan(costs: ModelCosts, boards: Sequence[Board], n_micro: int, *, links: Lin
     best: tuple[float, float, _Model, list[int]] | None = None
     for idx in orders:
         m = _Model(costs, boards, idx, n_micro, links, schedule)
-        bn, bounds = m.solve()
+        bn, bounds = m.solve() if objective == "time" else m.solve_memory()
         if not bounds:
             continue
-        total = sum(m.stage_ms(k, bounds[k], bounds[k + 1]) for k in range(K))
+        if objective == "time":
+            total = sum(m.stage_ms(k, bounds[k], bounds[k + 1]) for k in range(K))
+        else:    # bn is the largest stage's bytes; the tie-break is the bottleneck
+            total = max(m.bottleneck_term(k, bounds[k], bounds[k + 1]) for k in range(K))
         if (best is None or bn < best[0] * (1 - 1e-9)
                 or (bn <= best[0] * (1 + 1e-9) and total < best[1])):
             best = (bn, total, m, bounds)
@@ -576,7 +602,8 @@ def plan(costs: ModelCosts, boards: Sequence[Board], n_micro: int, *, links: Lin
                     [a for a, _ in even] + [L], costs)
         fit = "" if ev.feasible else ", over budget on " + ", ".join(
             s.board for s in ev.stages if s.budget is not None and s.memory > s.budget)
-        notes.append(f"even split {ev.to_split()}: bottleneck {ev.bottleneck_ms:.1f} ms{fit}")
+        notes.append(f"even split {ev.to_split()}: bottleneck {ev.bottleneck_ms:.1f} ms, "
+                     f"largest stage {max(s.memory for s in ev.stages) / MIB:.1f} MiB{fit}")
     return _build(m, bounds, costs, tuple(notes))
 
 

@@ -84,6 +84,18 @@ class Manifest:
     def is_last(self) -> bool:
         return self.index == int(self.stage["num_stages"]) - 1
 
+    @property
+    def frozen(self) -> frozenset[str]:
+        """Parameters the stage takes but does not train (no gradient, no AdamW state)."""
+        return frozenset(self.stage.get("frozen", ()))
+
+    @property
+    def trainable(self) -> tuple[TensorMeta, ...]:
+        """The trained parameters, in the order of the backward's gradients and the optimizer's
+        arguments (compiler/stage.py [Note: frozen params])."""
+        fz = self.frozen
+        return tuple(t for t in self.params if t.name not in fz)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 

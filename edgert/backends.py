@@ -139,6 +139,8 @@ def probe(timeout: float = 60.0, argv: Sequence[str] | None = None) -> dict[str,
     except subprocess.TimeoutExpired:
         return _fallback(f"the backend probe hung for {timeout:.0f} s (a GPU driver that never "
                          f"returns?); only the CPU is used")
+    except OSError as e:   # cannot even start it (e.g. an emulated board without binfmt_misc)
+        return _fallback(f"the backend probe could not start ({e}); only the CPU is used")
     if r.returncode != 0:
         how = (f"was killed by signal {-r.returncode}" if r.returncode < 0
                else f"exited with code {r.returncode}")

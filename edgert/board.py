@@ -9,7 +9,7 @@ reply naming the request and the board keeps serving, whatever the request was (
 and a wrong protocol version included).
 
 Requests (C = controller; every reply carries body.ref_seq = the request's seq)
-    hello                 -> hello {board, pid, protocol, caps}
+    hello                 -> hello {board, pid, protocol, caps, telemetry (PUB endpoint or None)}
     profile               -> profile {cores, memory, rss, peak_rss, budget, runtime, modules}
     deploy_begin/_chunk   -> nothing, or ERROR;  deploy_end -> ok {name, sha256, bytes}
     load {bundle, stage, n_stages, n_mb, group, mode, schedule (CSV), run,
@@ -19,6 +19,13 @@ Requests (C = controller; every reply carries body.ref_seq = the request's seq)
     step {seeds, hyper}   -> ok {step, losses, stats} when this board's timeline has run
     state {op: get|set, what: params|optim}  -> state (tensors) / ok
     stats                 -> stats {...};  hb -> nothing;  shutdown -> ok, then exit
+
+Telemetry (push). With a PUB socket bound (ZmqTransport.bind_pub; its endpoint is in the HELLO
+reply), the board publishes a STATS message every `telemetry_s` seconds and right after each
+finished step; its body is `telemetry_record()`: {board, pid, t (unix s), seq, interval (s), step
+(last finished), steps, mode, stage, bundle, running, rss, peak_rss, budget (bytes), compute_s,
+wait_s, step_s (last step, s), queue (inbox depth), errors, last_error}. Subscribers treat a board
+silent for > 3 intervals as gone (control/telemetry.py).
 
 Never imported here: the full `tvm` package, `compiler`, `control`, torch. The PROFILE reply
 lists which of them are loaded so a test can check a running board.
@@ -64,14 +71,18 @@ class BoardConfig:
     heartbeat_s: float = 1.0          # s between heartbeats to peers we have heard from
     liveness: int = 3                 # missed heartbeats before a peer counts as gone
     step_timeout_s: float = 120.0     # s a step may wait for one message before it fails
+    telemetry_s: float = 1.0          # s between telemetry records (if a PUB socket is bound)
+    backends: tuple[str, ...] = ("cpu",)   # what the board profile asks for (edgert/backends.py)
 
 
 def estimate_footprint(m: Manifest, in_flight: int) -> dict[str, int]:
-    """Bytes a loaded stage needs: params x 4 (params, grads, Adam m, v) + saved x in flight."""
+    """Bytes a loaded stage needs: trained params x 4 (params, grads, Adam m, v) + frozen params
+    x 1 + saved activations x micro-batches in flight."""
     params = sum(t.nbytes for t in m.params)
+    trained = sum(t.nbytes for t in m.trainable)
     saved = sum(t.nbytes for t in m.saved) + sum(t.nbytes for t in m.outputs)
-    return {"params": params, "saved_per_mb": saved, "in_flight": in_flight,
-            "total": 4 * params + saved * in_flight}
+    return {"params": params, "trained": trained, "saved_per_mb": saved, "in_flight": in_flight,
+            "total": params + 3 * trained + saved * in_flight}
 
 
 def check_budget(m: Manifest, in_flight: int, budget: int | None, where: str) -> dict[str, int]:
@@ -80,7 +91,8 @@ def check_budget(m: Manifest, in_flight: int, budget: int | None, where: str) ->
     if budget is not None and fp["total"] > budget:
         raise BoardError(
             f"{where}: stage {m.index} needs an estimated {fp['total'] / MIB:.1f} MiB = "
-            f"4 x {fp['params'] / MIB:.1f} MiB parameters (weights, gradients, Adam m and v) + "
+            f"{fp['params'] / MIB:.1f} MiB weights + 3 x {fp['trained'] / MIB:.1f} MiB for the "
+            f"trained ones (gradients, Adam m and v) + "
             f"{in_flight} micro-batch(es) in flight x {fp['saved_per_mb'] / MIB:.1f} MiB saved "
             f"activations, over this board's budget of {budget / MIB:.1f} MiB; it was not loaded. "
             f"Give this board fewer layers, run fewer micro-batches in flight, or raise "
@@ -119,6 +131,8 @@ class _Loaded:
     ctx: StepContext
     opt: OptimizerState
     footprint: dict[str, int]
+    bundle: str = ""
+    mode: str = "sync"
 
 
 @dataclass(slots=True)
@@ -152,7 +166,11 @@ class Board:
         self.running: _Running | None = None
         self.stats = _Stats()
         self.stopping = False
+        self.fwd: Any = None                     # edgert.fwdgrad.ForwardClient, when loaded
         self._seq = 0
+        self._tel_seq = 0
+        self._last_step: dict[str, Any] = {}
+        self._next_telemetry = clock()           # the first record goes out at once
         self._handlers: dict[Kind, Callable[[Peer, Message], None]] = {
             Kind.HELLO: self._hello, Kind.PROFILE: self._profile,
             Kind.DEPLOY_BEGIN: self._deploy, Kind.DEPLOY_CHUNK: self._deploy,
@@ -161,6 +179,7 @@ class Board:
             Kind.STEP: self._step, Kind.STATE: self._state, Kind.STATS: self._stats,
             Kind.HEARTBEAT: lambda peer, msg: None, Kind.SHUTDOWN: self._shutdown,
             Kind.ERROR: self._peer_error, Kind.OK: lambda peer, msg: None,
+            Kind.FWDGRAD: self._fwdgrad,
         }
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -173,6 +192,8 @@ class Board:
     def poll_once(self) -> None:
         now = self.clock()
         timeout = min(self.live.next_deadline(now), 0.25 if self.running else 1.0)
+        if self.telemetry_endpoint is not None:
+            timeout = max(0.0, min(timeout, self._next_telemetry - now))
         try:
             got = self.t.recv(timeout)
         except FrameError as e:
@@ -204,11 +225,44 @@ class Board:
                 except TransportError:
                     self.live.remove(peer)
         self.live.expired(now)
+        if self.telemetry_endpoint is not None and now >= self._next_telemetry:
+            self.publish_telemetry()
         if self.running is not None:
             try:
                 self.running.run.fail_if_stuck(self.cfg.step_timeout_s, now)
             except TransportError as e:
                 self._abort_step(e)
+
+    # ---- telemetry ------------------------------------------------------------------------------
+    @property
+    def telemetry_endpoint(self) -> str | None:
+        return getattr(self.t, "pub_endpoint", None)
+
+    def telemetry_record(self) -> dict[str, Any]:
+        ld, s, last = self.loaded, self.stats, self._last_step
+        return {"board": self.cfg.name, "pid": os.getpid(), "t": time.time(),
+                "seq": self._tel_seq, "interval": self.cfg.telemetry_s,
+                "step": last.get("step"), "steps": s.steps,
+                "mode": None if ld is None else ld.mode,
+                "stage": None if ld is None else ld.ctx.stage,
+                "bundle": None if ld is None else ld.bundle,
+                "running": None if self.running is None else self.running.run.blocked_on,
+                **memory_stats(), "budget": self.cfg.budget_bytes,
+                "compute_s": last.get("compute_s"), "wait_s": last.get("wait_s"),
+                "step_s": last.get("seconds"), "queue": len(self.inbox), "errors": s.errors,
+                "last_error": s.last_errors[-1] if s.last_errors else None}
+
+    def publish_telemetry(self) -> None:
+        """Push one record now and restart the interval (a failure is logged, never raised)."""
+        publish = getattr(self.t, "publish", None)
+        self._next_telemetry = self.clock() + self.cfg.telemetry_s
+        if publish is None:
+            return
+        self._tel_seq += 1
+        try:
+            publish(Message.make(Kind.STATS, "", self._tel_seq, body=self.telemetry_record()))
+        except Exception as e:  # noqa: BLE001 - monitoring must never stop the board
+            log.warning("board %s: telemetry not sent: %s", self.cfg.name, e)
 
     # ---- replies --------------------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -234,7 +288,8 @@ class Board:
     def _hello(self, peer: Peer, msg: Message) -> None:
         self.reply(peer, Kind.HELLO, msg.header.seq, {
             "board": self.cfg.name, "pid": os.getpid(), "protocol": MAGIC.decode(),
-            "caps": {"modes": ["sync", "async"], "loaded": self.loaded is not None}})
+            "caps": {"modes": ["sync", "async"], "loaded": self.loaded is not None},
+            "telemetry": self.telemetry_endpoint})
 
     def profile(self) -> dict[str, Any]:
         from importlib.metadata import PackageNotFoundError, version
@@ -248,7 +303,21 @@ class Board:
         return {"board": self.cfg.name, "cores": len(os.sched_getaffinity(0)),
                 "threads": self.cfg.threads, **memory_stats(), "budget": self.cfg.budget_bytes,
                 "runtime": rt, "modules": loaded_modules(),
-                "stage": None if self.loaded is None else self.loaded.ctx.stage}
+                "stage": None if self.loaded is None else self.loaded.ctx.stage,
+                "backends": self.backends()}
+
+    def backends(self) -> dict[str, Any]:
+        """Probed once, in a child process, on first use (see edgert/backends.py)."""
+        if getattr(self, "_backends", None) is None:
+            from edgert import backends
+
+            report = backends.probe()
+            use, notes = backends.resolve(self.cfg.backends, report)
+            for n in notes:
+                log.warning("board %s: %s", self.cfg.name, n)
+            self._backends = {"requested": list(self.cfg.backends), "use": use, "notes": notes,
+                              "usable": report.get("usable", {}), "cpu": report.get("cpu", {})}
+        return self._backends
 
     def _profile(self, peer: Peer, msg: Message) -> None:
         self.reply(peer, Kind.PROFILE, msg.header.seq, self.profile())
@@ -291,7 +360,8 @@ class Board:
             self.t.connect(link, addr)    # link name = the peer board's name = its key name
         ctx = StepContext(stage, n_stages, n_mb, str(b.get("run", "")),
                           prev=b.get("prev"), next=b.get("next"), group=group)
-        self.loaded = _Loaded(st, line, ctx, OptimizerState(st), fp)
+        self.loaded = _Loaded(st, line, ctx, OptimizerState(st), fp, bundle.name,
+                              str(b.get("mode", "sync")))
         self.inbox = Inbox()
         self.reply(peer, Kind.OK, msg.header.seq, {"footprint": fp, **memory_stats()})
 
@@ -335,10 +405,14 @@ class Board:
             self.stats.steps += 1
             self.stats.step_s.append(res.seconds)
             self.stats.compute_s.append(res.compute_s)
+            self._last_step = {"step": res.step, "compute_s": res.compute_s,
+                               "wait_s": res.wait_s, "seconds": res.seconds}
             self.reply(r.peer, Kind.OK, r.seq, {
                 "step": res.step, "losses": {str(k): v for k, v in res.losses.items()},
                 "seconds": res.seconds, "compute_s": res.compute_s, "wait_s": res.wait_s,
                 "max_versions": res.max_versions, **memory_stats()})
+            if self.telemetry_endpoint is not None:
+                self.publish_telemetry()
 
     def _abort_step(self, e: BaseException) -> None:
         r = self.running
@@ -352,11 +426,12 @@ class Board:
         b = msg.header.body
         op, what = b.get("op", "get"), b.get("what", "params")
         names = [t.name for t in ld.stage.manifest.params]
+        tnames = [t.name for t in ld.stage.manifest.trainable]   # frozen params have no moments
         if op == "get" and what == "params":
             arrays = ld.stage.params_numpy()
         elif op == "get" and what == "optim":
             arrays = {f"{k}/{n}": np.array(to_numpy(a)) for k, lst in (("m", ld.opt.m),
-                      ("v", ld.opt.v)) for n, a in zip(names, lst, strict=True)}
+                      ("v", ld.opt.v)) for n, a in zip(tnames, lst, strict=True)}
         elif op == "set" and what == "params":
             ld.stage.set_params(_need(msg.arrays(), names, "state set params"))
             arrays = None
@@ -364,10 +439,10 @@ class Board:
             from edgert.runtime import to_dev
 
             got = msg.arrays()
-            m = _need(got, [f"m/{n}" for n in names], "state set optim")
-            v = _need(got, [f"v/{n}" for n in names], "state set optim")
-            ld.opt.m = [to_dev(np.array(m[f"m/{n}"])) for n in names]
-            ld.opt.v = [to_dev(np.array(v[f"v/{n}"])) for n in names]
+            m = _need(got, [f"m/{n}" for n in tnames], "state set optim")
+            v = _need(got, [f"v/{n}" for n in tnames], "state set optim")
+            ld.opt.m = [to_dev(np.array(m[f"m/{n}"])) for n in tnames]
+            ld.opt.v = [to_dev(np.array(v[f"v/{n}"])) for n in tnames]
             ld.opt.steps = _int(b, "step", ld.opt.steps)
             arrays = None
         else:
@@ -396,6 +471,17 @@ class Board:
         self.stats.last_errors.append(text)
         if self.running is not None:
             self._abort_step(BoardError(f"step aborted: {text}"))
+
+    def _fwdgrad(self, peer: Peer, msg: Message) -> None:
+        """Forward-gradient client requests: load, shard, round (edgert/fwdgrad.py)."""
+        from edgert.fwdgrad import serve_request
+        from edgert.runtime import TvmStage
+
+        def load(name: Any) -> TvmStage:
+            return TvmStage.load(self._bundle_dir(name), threads=self.cfg.threads, block_torch=True)
+
+        self.fwd, body = serve_request(self.fwd, msg.header.body, msg.arrays(), load)
+        self.reply(peer, Kind.OK, msg.header.seq, {**body, **memory_stats()})
 
     def _shutdown(self, peer: Peer, msg: Message) -> None:
         self.stopping = True

@@ -7,7 +7,11 @@
     edgert tune --budget 600                   # tune the kernels on this board (resumable)
     edgert keys --out keys --boards board0,board1          # CURVE keys for a cluster
     edgert serve --name board0 --port 5555 --keys keys --budget-mib 2048   # on a board
+    edgert serve --name board0 --keys keys --board rk3588     # budget/threads/port from a profile
+    edgert probe                               # which backends this board can really use
     edgert plan --board pi0:1024 --board pi1:1024:0.25 --board orin:4096:2:4 --bandwidth-mbps 100
+    edgert run run.toml --out runs/night      # unattended run: checkpoints, recovery, report
+    edgert resume runs/night                   # continue it (after Ctrl-C or a crash)
 
 Host commands import the compiler lazily; board commands never do.
 """
@@ -50,6 +54,8 @@ def _tuning(a: argparse.Namespace) -> dict:
 def cmd_train(a: argparse.Namespace) -> int:
     from control.job import finetune
 
+    if a.far is not None:
+        return _train_far(a)
     rep = finetune(model_dir=a.model, out_dir=a.out, stages=a.stages or (None if a.split else 2),
                    split=a.split, steps=a.steps, batch=a.batch, micro_batches=a.micro_batches,
                    seq=a.seq, lr=a.lr, eval_examples=a.eval_examples, seed=a.seed, threads=a.threads,
@@ -57,6 +63,69 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(rep.summary())
     print(f"  report: {Path(a.out) / 'report.json'}; fine-tuned Hugging Face model: "
           f"{Path(a.out) / 'hf_model'}")
+    return 0
+
+
+def cmd_fwdgrad(a: argparse.Namespace) -> int:
+    """Forward-gradient (FwdLLM-style) federated fine-tuning on local boards (docs/fwdgrad.md)."""
+    from control.federated import fwdgrad_finetune
+    from control.fwdgrad import FwdGradConfig
+
+    cfg = FwdGradConfig(eps=a.eps, lr=a.lr, momentum=a.momentum, k_init=a.k, k_max=max(a.k, a.k_max),
+                        var_threshold=a.var_threshold, pool_factor=a.pool, seed=a.seed)
+    rep = fwdgrad_finetune(model_dir=a.model, out_dir=a.out, clients=a.clients, rounds=a.rounds,
+                           method=a.method, alpha=a.non_iid, batch=a.batch, seq=a.seq,
+                           rows_per_round=a.rows or a.batch, eval_examples=a.eval_examples,
+                           seed=a.seed, cfg=cfg, boards=not a.in_process)
+    b, f = rep["before"], rep["after"]
+    print(f"forward-gradient {a.method}: {a.rounds} rounds x {a.clients} clients, "
+          f"{rep['trainable']} trainable values")
+    print(f"  held-out loss     {b['loss']:.4f} -> {f['loss']:.4f}")
+    print(f"  held-out accuracy {100 * b['accuracy']:.1f}% -> {100 * f['accuracy']:.1f}%")
+    print(f"  uplink per round {rep['bytes_per_round']['up_mean']:.0f} B (gradient tensors would be "
+          f"{rep['bytes_per_round']['up_if_gradient_tensors']} B); report: {Path(a.out) / 'report.json'}")
+    return 0
+
+
+def _fwdgrad_parser(sub) -> None:
+    f = sub.add_parser("fwdgrad", help="backprop-free federated fine-tuning (forward gradients)")
+    f.add_argument("--model", type=Path, default=None, help="Hugging Face BERT folder")
+    f.add_argument("--clients", type=int, default=3, help="local board processes (clients)")
+    f.add_argument("--rounds", type=int, default=20)
+    f.add_argument("--method", choices=["bitfit", "head"], default="bitfit", help="trainable set")
+    f.add_argument("--non-iid", type=float, default=None, metavar="ALPHA",
+                   help="label-skewed shards, Dirichlet alpha (default: IID)")
+    f.add_argument("--k", type=int, default=8, help="perturbations per client and round")
+    f.add_argument("--k-max", type=int, default=64, help="cap when --var-threshold grows k")
+    f.add_argument("--var-threshold", type=float, default=0.0,
+                   help="grow k until the estimate's noise share is below this (0 = fixed k)")
+    f.add_argument("--pool", type=int, default=1, help="cosine-filtered sampler pool factor")
+    f.add_argument("--eps", type=float, default=1e-3)
+    f.add_argument("--lr", type=float, default=0.005)
+    f.add_argument("--momentum", type=float, default=0.0)
+    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--seq", type=int, default=32)
+    f.add_argument("--rows", type=int, default=0, help="examples per client and round (default: batch)")
+    f.add_argument("--eval-examples", type=int, default=128)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", type=Path, default=Path("runs/fwdgrad"))
+    f.add_argument("--in-process", action="store_true", help="clients in this process, no boards")
+    f.set_defaults(func=cmd_fwdgrad)
+
+
+def _train_far(a: argparse.Namespace) -> int:
+    from control.far import FarConfig, finetune_far, summary
+
+    if not a.in_process:
+        raise ConfigError("--far runs in this process for now: add --in-process (docs/far.md)")
+    cfg = _tuning(a)["configs"]
+    rep = finetune_far(far=FarConfig(retention=a.far), model_dir=a.model, out_dir=a.out,
+                       stages=a.stages or (None if a.split else 2), split=a.split, steps=a.steps,
+                       batch=a.batch, micro_batches=a.micro_batches, seq=a.seq, lr=a.lr,
+                       eval_examples=a.eval_examples, seed=a.seed, threads=a.threads, configs=cfg)
+    print(summary(rep))
+    print(f"  report: {Path(a.out) / 'report.json'}; plan: {rep['plan']}; fine-tuned Hugging Face "
+          f"model: {Path(a.out) / 'hf_model'}")
     return 0
 
 
@@ -177,22 +246,79 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_profile(a: argparse.Namespace) -> None:
+    """--board PROFILE: its budget, threads, listen address and port, unless given explicitly,
+    and its backends (probed on first PROFILE request; see edgert/backends.py)."""
+    a.backends = ("cpu",)
+    if a.board is not None:
+        from edgert.profile import load_profile
+
+        prof = load_profile(a.board)
+        a.budget_mib = prof.budget_mib if a.budget_mib is None else a.budget_mib
+        a.threads = prof.threads if a.threads is None else a.threads
+        a.host = prof.reach.bind if a.host is None else a.host
+        a.port = prof.reach.port if a.port is None else a.port
+        a.backends = prof.backends
+    a.host = "127.0.0.1" if a.host is None else a.host
+    a.port = 0 if a.port is None else a.port
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from edgert.board import MIB, Board, BoardConfig
     from edgert.transport import KeyRing, ZmqTransport
 
+    _serve_profile(a)
     workdir = a.workdir or Path(f"/tmp/edgert-{a.name}-{os.getpid()}")
-    cfg = BoardConfig(name=a.name, workdir=workdir, threads=a.threads,
-                      budget_bytes=None if a.budget_mib is None else int(a.budget_mib * MIB))
+    if not a.telemetry_s > 0:
+        raise ConfigError(f"--telemetry-s must be > 0 seconds, got {a.telemetry_s}")
+    cfg = BoardConfig(name=a.name, workdir=workdir, threads=a.threads, telemetry_s=a.telemetry_s,
+                      budget_bytes=None if a.budget_mib is None else int(a.budget_mib * MIB),
+                      backends=a.backends)
     t = ZmqTransport(a.name, keys=KeyRing(a.keys),
                      max_msg_bytes=int(a.max_msg_mib * MIB))
     try:
         endpoint = t.bind(f"tcp://{a.host}:{a.port}")
+        t.bind_pub(f"tcp://{a.host}:{a.telemetry_port}")   # its endpoint: in the HELLO reply
         print(f"edgert-board {a.name} listening {endpoint}", flush=True)
         Board(cfg, t).serve()
     finally:
         t.close()
     return 0
+
+
+def cmd_probe(a: argparse.Namespace) -> int:
+    import json
+
+    from edgert import backends
+
+    report = backends.probe()
+    use, notes = backends.resolve(a.backends.split(","), report)
+    if a.json:
+        print(json.dumps({**report, "use": use, "notes": notes}, indent=1))
+        return 0
+    cpu = report.get("cpu", {})
+    print(f"cpu: {cpu.get('cores')} core(s) in {len(cpu.get('clusters', []))} cluster(s), "
+          f"isa {' '.join(cpu.get('isa', [])) or '?'}")
+    print(f"TVM runtime device APIs: "
+          f"{', '.join(k for k, v in report.get('tvm', {}).get('device_api', {}).items() if v)}")
+    for p in report.get("opencl", {}).get("platforms", []):
+        print(f"OpenCL platform: {p['name']} ({p['devices']} device(s))")
+    print(f"backends to use: {', '.join(use)}")
+    for n in notes:
+        print(f"  note: {n}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from control.run_cli import run_command
+
+    return run_command(a.config, a.out, resume_only=False)
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    from control.run_cli import run_command
+
+    return run_command(None, a.dir, resume_only=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,8 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     t.add_argument("--in-process", action="store_true",
                    help="run every stage in this process instead of one local board process per stage")
+    t.add_argument("--far", type=float, default=None, metavar="RETENTION",
+                   help="FAR: after 5%% priming steps train only this share of each FFN's nodes "
+                        "(e.g. 0.4; needs --in-process; docs/far.md)")
     _tuning_flags(t)
     t.set_defaults(func=cmd_train)
+    _fwdgrad_parser(sub)
 
     c = sub.add_parser("compile", help="compile stage bundles for a target")
     _common_model(c)
@@ -276,15 +406,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the board daemon (TVM runtime only)")
     s.add_argument("--name", required=True, help="this board's name (= its key name)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=0, help="0: the OS picks; printed on start")
+    s.add_argument("--board", default=None,
+                   help="board profile (name in boards/profiles or a .toml path): its budget, "
+                        "threads, listen address and port are the defaults")
+    s.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="0 (default): the OS picks; printed on start")
     s.add_argument("--keys", type=Path, required=True,
                    help="cluster key directory (edgert keys); only its keys may connect")
     s.add_argument("--budget-mib", type=float, default=None, help="memory budget for a stage")
     s.add_argument("--max-msg-mib", type=float, default=257.0, help="largest frame accepted")
     s.add_argument("--workdir", type=Path, default=None, help="where deployed bundles go")
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--telemetry-s", type=float, default=1.0,
+                   help="seconds between pushed telemetry records (also sent after each step)")
+    s.add_argument("--telemetry-port", type=int, default=0,
+                   help="telemetry PUB port (0: the OS picks; the HELLO reply names it)")
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("probe", help="which backends (cpu, opencl, cuda) this board can really use")
+    b.add_argument("--backends", default="cpu,opencl,cuda",
+                   help="the wish list to resolve (a board profile's backends)")
+    b.add_argument("--json", action="store_true", help="the full probe report as JSON")
+    b.set_defaults(func=cmd_probe)
+
+    r = sub.add_parser("run", help="an unattended run: checkpoints, recovery from lost boards, "
+                                   "report (docs/runs.md); continues DIR if it holds this run")
+    r.add_argument("config", nargs="?", type=Path, default=None,
+                   help="run.toml (flat keys of control.run_config.RunConfig; default: defaults)")
+    r.add_argument("--out", type=Path, default=Path("runs/run"), help="the run directory")
+    r.set_defaults(func=cmd_run)
+    rr = sub.add_parser("resume", help="continue a run directory from its newest checkpoint")
+    rr.add_argument("dir", type=Path, help="the run directory (edgert run --out DIR)")
+    rr.set_defaults(func=cmd_resume)
     return p
 
 

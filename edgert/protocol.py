@@ -44,6 +44,9 @@ Kinds (C = controller, B = board; s = stage)
     error         both   body: type, message, ref_seq (the seq of the message that failed)
     ok            both   acknowledgement; body: ref_seq
     shutdown      C->B   stop serving and exit
+    fwdgrad       C->B   forward-gradient client (edgert/fwdgrad.py); body: op ("load": bundle;
+                         "shard": tensors input_ids, attention_mask, labels; "round": names, seeds,
+                         eps, rows + the trainable tensors)   reply: OK {derivs, loss, ...}
 
 A bundle file is uploaded as DEPLOY_BEGIN, DEPLOY_CHUNK x n, DEPLOY_END (`chunk_file`), and the
 board rebuilds it with a `Reassembler`, which checks order, offsets, sizes and both sha256s.
@@ -117,6 +120,7 @@ class Kind(StrEnum):
     ERROR = "error"
     OK = "ok"
     SHUTDOWN = "shutdown"
+    FWDGRAD = "fwdgrad"
 
 
 # Header fields a kind needs >= 0, with what they mean (for the error message).

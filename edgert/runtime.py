@@ -56,6 +56,37 @@ def load_runtime(threads: int | None = None, block_torch: bool = False):
     return _rt
 
 
+_lib_loaded: dict[str, str] = {}   # library path -> sha256 of what was loaded from it
+
+
+def _unique_lib_path(bundle: Path, m: Manifest) -> Path:
+    """The path to dlopen for this bundle's library.
+
+    [Note: dlopen caches by path] The dynamic loader hands back the already-loaded library for a
+    path it has opened before, even after the file was replaced. A board that is re-deployed in
+    place (same bundle name, a different stage after a re-plan) would silently keep running the old
+    code. So a path that was loaded with other content is loaded through a content-named hard link
+    (a copy if links are impossible) beside the bundle.
+    """
+    path = bundle / LIB_FILE
+    sha = m.files.get(LIB_FILE) or ""
+    key = str(path.resolve())
+    if _lib_loaded.setdefault(key, sha) == sha:
+        return path
+    alias = bundle.parent / f".{bundle.name}-{sha[:16]}-{LIB_FILE}"
+    if not alias.exists():
+        tmp = alias.with_name(alias.name + f".{os.getpid()}.part")
+        try:
+            os.link(path, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(path, tmp)
+        tmp.replace(alias)
+    _lib_loaded[str(alias.resolve())] = sha
+    return alias
+
+
 def aligned(a: np.ndarray) -> np.ndarray:
     """A C-contiguous, 64-byte aligned copy of `a` (or `a` itself if it already is one)."""
     if a.flags.c_contiguous and a.ctypes.data % _ALIGN == 0:
@@ -89,7 +120,9 @@ class TvmStage:
     def __init__(self, manifest: Manifest, vm, params: list):
         self.manifest = manifest
         self._vm = vm
-        self.params = params          # runtime tensors, manifest.params order
+        self.params = params          # runtime tensors, manifest.params order (frozen ones too)
+        fz = manifest.frozen
+        self._train_idx = [i for i, t in enumerate(manifest.params) if t.name not in fz]
         self._fns = {name: vm[name] for name in manifest.entries}
 
     @classmethod
@@ -99,7 +132,7 @@ class TvmStage:
         m = load_manifest(bundle, verify=verify)
         rt = load_runtime(threads, block_torch=block_torch)
         try:
-            mod = rt.load_module(str(bundle / LIB_FILE))
+            mod = rt.load_module(str(_unique_lib_path(bundle, m)))
             vm = mod["vm_load_executable"]()
             vm["vm_initialization"](1, 0, 2)  # kDLCPU, device 0, pooled allocator
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types
@@ -145,14 +178,16 @@ class TvmStage:
         return r[0], r[1:]
 
     def zeros_like_params(self) -> list:
-        return [to_dev(np.zeros(t.shape, t.dtype)) for t in self.manifest.params]
+        """Zero tensors shaped like the *trained* parameters (gradients, AdamW moments)."""
+        return [to_dev(np.zeros(t.shape, t.dtype)) for t in self.manifest.trainable]
 
     def accumulate(self, acc: list, grads: list) -> list:
         return list(self._fns["grad_accumulate"](*acc, *grads))
 
     def optimizer_step(self, grads: list, m: list, v: list, hyper: np.ndarray) -> None:
-        """AdamW in place on params, m and v."""
-        self._fns["optimizer_step"](*self.params, *grads, *m, *v, to_dev(hyper.astype(self.manifest.dtype)))
+        """AdamW in place on the trained params, m and v (frozen params are never touched)."""
+        trained = [self.params[i] for i in self._train_idx]
+        self._fns["optimizer_step"](*trained, *grads, *m, *v, to_dev(hyper.astype(self.manifest.dtype)))
 
     def params_numpy(self) -> dict[str, np.ndarray]:
         return {t.name: to_np(p).copy() for t, p in zip(self.manifest.params, self.params, strict=True)}

@@ -6,7 +6,8 @@ neighbouring boards) connects a DEALER socket to it under a logical peer name, e
 `recv` returns `(peer, Message)`: `peer` is the ROUTER identity (bytes) of a client that wrote to
 our ROUTER, or the name (str) of our DEALER connection that got a reply. `send(peer, msg)` takes
 either kind of id; replies to a client go back through the ROUTER under its identity. ROUTER
-identity frames are added and stripped here and nowhere else.
+identity frames are added and stripped here and nowhere else. A board may also bind one PUB
+socket (`bind_pub`/`publish`) for push telemetry; controllers read it with `subscriber` (SUB).
 
 Security. With `keys` given, every socket speaks CURVE: the ROUTER is a CURVE server with the
 board's secret key, and a ZAP authenticator thread admits only clients whose public key is in the
@@ -150,6 +151,7 @@ class ZmqTransport:
         self._addrs: dict[str, str] = {}
         self._poller = zmq.Poller()
         self._auth = None
+        self._pub: zmq.Socket | None = None        # telemetry PUB (bind_pub)
         # Two clients with one key (the controller and a probe) need distinct identities.
         self._curve = keys.secret(key_name or name) if keys is not None else None
 
@@ -179,6 +181,47 @@ class ZmqTransport:
         self._router = s
         self._poller.register(s, zmq.POLLIN)
         return self.endpoint
+
+    def bind_pub(self, addr: str = "tcp://127.0.0.1:0") -> str:
+        """Bind the telemetry PUB socket; returns its endpoint. Call after `bind`.
+
+        With keys it is a CURVE server with this board's key, admitted by the same ZAP handler as
+        the ROUTER: only the cluster's keys can subscribe. A slow subscriber loses old records
+        (PUB drops at its high-water mark) and never slows the board down.
+        """
+        if self._router is None:
+            raise TransportError(f"{self.name}: bind() the ROUTER before bind_pub() (the ZAP "
+                                 f"handler that admits subscribers starts there)")
+        if self._pub is not None:
+            raise TransportError(f"{self.name}: telemetry already bound to {self.pub_endpoint}")
+        s = self._ctx.socket(zmq.PUB)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 100)           # records; older ones are dropped, not queued
+        if self._curve is not None:
+            s.curve_publickey, s.curve_secretkey = self._curve
+            s.curve_server = True
+        try:
+            s.bind(addr)
+        except zmq.ZMQError as e:
+            s.close(0)
+            raise TransportError(f"{self.name}: cannot bind telemetry {addr} ({e}); pick a "
+                                 f"free port") from e
+        self._pub = s
+        return s.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def pub_endpoint(self) -> str | None:
+        """The telemetry PUB endpoint, or None if `bind_pub` was not called."""
+        return None if self._pub is None else self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def publish(self, msg: Message) -> None:
+        """Send one message to every telemetry subscriber (none: dropped); never blocks."""
+        if self._pub is None:
+            return
+        try:
+            self._pub.send_multipart(encode(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:           # a full queue drops the record: telemetry is lossy
+            log.debug("%s: telemetry record dropped (%s)", self.name, e)
 
     @property
     def endpoint(self) -> str:
@@ -262,6 +305,9 @@ class ZmqTransport:
             self._poller.unregister(self._router)
             self._router.close(0)
             self._router = None
+        if self._pub is not None:
+            self._pub.close(0)
+            self._pub = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -315,6 +361,21 @@ class InprocTransport:
 
     def close(self) -> None:
         pass
+
+
+def subscriber(ctx: zmq.Context, addr: str, keys: KeyRing | None, server: str,
+               key_name: str = CONTROLLER) -> zmq.Socket:
+    """A SUB socket on a board's telemetry endpoint (CURVE client with `key_name`'s key when
+    `keys` is given; `server`: the board's key name). Subscribed to everything."""
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 1000)
+    if keys is not None:
+        s.curve_publickey, s.curve_secretkey = keys.secret(key_name)
+        s.curve_serverkey = keys.public(server)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.connect(addr)
+    return s
 
 
 def peer_addresses(peers: Mapping[str, str]) -> dict[str, str]:

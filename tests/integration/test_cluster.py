@@ -94,6 +94,19 @@ def test_resume_from_state_then_dead_board_is_reported(bundles, micro_batches, r
             c.train_step(micro_batches[0], OPT)
 
 
+def test_redeploy_in_place_runs_the_new_stage(bundles, micro_batches, reference):
+    """A board re-planned from stage 0 of 2 to the whole model (same bundle name "stage0") must run
+    the new library: the dynamic loader caches by path (edgert/runtime.py [Note: dlopen caches by
+    path]), which once made a recovered board refuse every step with the old stage's arity."""
+    ref_losses, _ = reference
+    with LocalCluster(2) as c:
+        c.deploy(bundles[2], micro_batches=M)
+        c.train_step(micro_batches[0], OPT)
+        c.deploy(bundles[1], micro_batches=M)            # board0 again gets "stage0"
+        losses = [c.train_step(mb, OPT) for mb in micro_batches[:2]]
+    np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)
+
+
 def test_async_2bw_trains_on_boards(bundles, real_batch):
     one = real_batch(B, T, offset=0)
     n = 24

@@ -69,6 +69,8 @@ def test_probe_survives_a_hanging_driver_and_garbage():
     assert "hung" in rep["probe_error"] and rep["usable"]["cpu"]
     rep = backends.probe(argv=[sys.executable, "-c", "print('not json')"])
     assert "no JSON" in rep["probe_error"]
+    rep = backends.probe(argv=["/nonexistent/python3"])
+    assert "could not start" in rep["probe_error"] and rep["usable"]["cpu"]
 
 
 def test_probe_cli_json():

@@ -78,6 +78,20 @@ def test_budget_counts_params_four_times_and_saved_per_micro_batch():
     m = _manifest((1024, 256), (256, 256))            # 1 MiB params, 0.25 MiB saved
     fp = check_budget(m, 3, 5 << 20, "b0")            # 4 + 3 x 0.25 = 4.75 MiB fits in 5
     assert fp["total"] == 4 * (1 << 20) + 3 * ((1 << 18) + 4)
-    with pytest.raises(BoardError, match=r"needs an estimated 4\.8 MiB = 4 x 1\.0 MiB .* "
+    with pytest.raises(BoardError, match=r"needs an estimated 4\.8 MiB = 1\.0 MiB weights \+ "
+                                         r"3 x 1\.0 MiB .* "
                                          r"3 micro-batch\(es\) in flight x 0\.3 MiB .* 4\.5 MiB"):
         check_budget(m, 3, int(4.5 * (1 << 20)), "b0")
+
+
+def test_budget_counts_frozen_params_once():
+    """Frozen params (FAR, BitFit, LoRA) have no gradient or Adam moments: x1, not x4."""
+    f = "float32"
+    m = Manifest("m", "", {}, {"index": 0, "num_stages": 1, "frozen": ["w"]}, {}, "", "", f,
+                 data_inputs=(), outputs=(TensorMeta("h", (1,), f),),
+                 saved=(TensorMeta("s", (1,), f),),
+                 params=(TensorMeta("w", (1024, 256), f), TensorMeta("b", (256,), f)),
+                 entries=())
+    fp = check_budget(m, 1, None, "b0")
+    assert fp["trained"] == 1024 and fp["params"] == (1 << 20) + 1024
+    assert fp["total"] == (1 << 20) + 4 * 1024 + 2 * 4

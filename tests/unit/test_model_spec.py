@@ -57,3 +57,15 @@ def test_qkv_fuse_split_roundtrip():
     assert back.keys() == w.keys()
     for k in w:
         np.testing.assert_array_equal(back[k], w[k])
+
+
+def test_stage_params_names_are_unique_with_lora_and_far():
+    """Every parameter appears once (LoRA factors were once added once per layer tensor)."""
+    from compiler.model_spec import LORA_PARAMS, StageSpec, stage_params
+
+    spec = StageSpec(index=0, num_stages=1, first=0, last=2, batch=2, seq=8, lora_rank=4)
+    names = [n for n, _ in stage_params(spec, DIMS)]
+    assert len(names) == len(set(names))
+    for li in range(2):
+        for ln, _ in LORA_PARAMS:
+            assert names.count(f"encoder.layer.{li}.{ln}") == 1

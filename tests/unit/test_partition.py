@@ -21,6 +21,7 @@ from control.partition import (
     in_flight,
     plan,
 )
+from edgert.errors import ConfigError
 from edgert.schedule import max_in_flight, one_f_one_b
 
 MINILM = ModelDims(vocab=30522, hidden=384, layers=6, heads=12, ffn=1536, max_pos=512, type_vocab=2,
@@ -210,3 +211,61 @@ def test_more_boards_than_layers_is_refused():
     costs = bert_costs(MINILM, 2, 16)
     with pytest.raises(Exception, match="only 6 layers"):
         plan(costs, [Board(f"b{i}") for i in range(7)], 4)
+
+
+# ---- objective="memory" -------------------------------------------------------------------------
+
+def _brute_memory(costs, boards, n_micro, links):
+    """Feasible split with the least largest-stage footprint; ties: least bottleneck."""
+    best = None
+    for ranges in _splits(costs.layers, len(boards)):
+        p = evaluate(costs, boards, ranges, n_micro, links=links)
+        key = (max(s.memory for s in p.stages), p.bottleneck_ms)
+        if p.feasible and (best is None or key < best[0]):
+            best = (key, p)
+    return None if best is None else best[1]
+
+
+def test_memory_objective_matches_brute_force():
+    rng = random.Random(99)
+    solved = refused = 0
+    for _ in range(250):
+        costs, boards, n_micro, links = _random_case(rng)
+        want = _brute_memory(costs, boards, n_micro, links)
+        if want is None:
+            with pytest.raises(PlanError, match="short by"):
+                plan(costs, boards, n_micro, links=links, objective="memory")
+            refused += 1
+            continue
+        got = plan(costs, boards, n_micro, links=links, objective="memory")
+        assert got.feasible
+        assert max(s.memory for s in got.stages) == max(s.memory for s in want.stages)
+        assert math.isclose(got.bottleneck_ms, want.bottleneck_ms, rel_tol=1e-9), (got, want)
+        # never more memory than the time-optimal plan, never a faster bottleneck than it
+        fast = plan(costs, boards, n_micro, links=links)
+        assert max(s.memory for s in got.stages) <= max(s.memory for s in fast.stages)
+        assert got.bottleneck_ms >= fast.bottleneck_ms * (1 - 1e-9)
+        solved += 1
+    assert solved > 100 and refused > 10
+
+
+def test_memory_first_minilm_gives_stage0_fewest_layers():
+    """MiniLM's 30522 x 384 word embedding (x4 with grads and Adam moments) sits on stage 0."""
+    costs = bert_costs(MINILM, batch=8, seq=64)
+    for K in (2, 3, 4):
+        boards = [Board(f"b{k}") for k in range(K)]
+        even = evaluate(costs, boards, parse_split(None, K, 6), n_micro=4)
+        mem = plan(costs, boards, 4, objective="memory")
+        assert mem.stages[0].layers == 1                      # only what it must hold
+        largest_mem = max(s.memory for s in mem.stages)
+        largest_even = max(s.memory for s in even.stages)
+        if K < 4:      # 6 layers over 4 stages: the even split already gives stage 0 one layer
+            assert largest_mem < 0.8 * largest_even
+            assert mem.bottleneck_ms > 1.2 * even.bottleneck_ms   # the trade-off: unbalanced
+        else:
+            assert largest_mem == largest_even                 # stage 0 is the floor
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ConfigError, match="objective must be 'time' or 'memory'"):
+        plan(bert_costs(MINILM, 8, 64), [Board("a")], 4, objective="speed")
