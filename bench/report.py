@@ -93,6 +93,95 @@ def pipeline_table(p: dict) -> str:
     return "\n".join(rows) + "\n\n" + "\n".join(notes)
 
 
+def memory_table(m: dict) -> str:
+    r, bal = m["peak_rss_ratio_vs_single"], m["compute_balance"]
+    rows = ["| K boards | largest board / single device: even split | memory-first split | "
+            "compute balance even -> memory-first |", "|---|---|---|---|"]
+    for k in sorted(r["even"], key=int):
+        if k == "1":
+            continue
+        rows.append(f"| {k} | {r['even'][k]:.2f} | **{r['memory_first'][k]:.2f}** | "
+                    f"{bal['even'][k]:.2f} -> {bal['memory_first'][k]:.2f} |")
+    return ("Peak RSS per board (`bench/bench_memory.py`, `bench/results/memory.json`; MiniLM, batch "
+            f"{m['batch']} x {m['seq']}, M = {m['micro_batches']}; single device "
+            f"{m['single_board_peak_rss_mib']:.0f} MiB; memory-first = `plan(objective=\"memory\")`):"
+            "\n\n" + "\n".join(rows) + "\n\nCompute balance = mean / max per-board compute time: "
+            "memory-first splits trade pipeline speed for the smaller largest board.")
+
+
+def faults_line(f: dict) -> str:
+    s = (f"Fault tolerance (`bench/bench_faults.py`, `bench/results/faults.json`): a board killed "
+         f"mid-step is detected in {f['detect_seconds']:.2f} s; re-plan + compile (cache) + deploy + "
+         f"load the checkpoint takes {f['recovery_seconds']:.1f} s "
+         f"(= {f['recovery_in_steps']:.0f} steps of {f['step_seconds_2_boards_median']:.2f} s); "
+         f"{f['steps_redone']} step(s) redone.")
+    if f.get("throttled_speedup_vs_even") is not None:
+        s += (f" One board throttled to a quarter of the other's speed: the re-planned split runs "
+              f"{f['throttled_speedup_vs_even']:.2f}x the even split's throughput.")
+    return s
+
+
+def far_table(a: dict) -> str:
+    acc, st = a["accuracy"], a["settings"]
+    rows = ["| | full fine-tuning | FAR (top-L1) | FAR (random nodes) |", "|---|---|---|---|",
+            f"| step time vs full (median) | 1 | **{a['step_time_ratio_vs_full']:.2f}** | "
+            f"{a['random_step_time_ratio_vs_full']:.2f} |",
+            f"| held-out accuracy ({st['eval_examples']} sentences) | {100 * acc['full']:.1f}% | "
+            f"{100 * acc['far_l1']:.1f}% | {100 * acc['far_random']:.1f}% |",
+            f"| peak RSS (MiB) | {a['peak_rss_mib']['full']['peak_rss_mib']:.0f} | "
+            f"{a['peak_rss_mib']['far_l1']['peak_rss_mib']:.0f} | "
+            f"{a['peak_rss_mib']['far_random']['peak_rss_mib']:.0f} |"]
+    goal = a.get("goal", {})
+    return (f"FAR (`bench/bench_far.py`, `bench/results/far.json`; retention {st['retention']}, "
+            f"{st['steps']} steps incl. {st['priming_steps']} priming, batch {st['batch']} x "
+            f"{st['seq']}):\n\n" + "\n".join(rows) + "\n\nGoal step time <= 0.7x: "
+            f"{'met' if goal.get('step_time_ratio_le_0.7') else '**not met**'}; accuracy drop <= 1 "
+            f"point: {'met' if goal.get('accuracy_drop_le_1_point') else 'not met'} "
+            f"({a['accuracy_drop_points']:+.1f} points). Why: docs/far.md.")
+
+
+def fwdgrad_table(g: dict) -> str:
+    rows = ["| method | held-out loss | accuracy | wall (s) | peak RSS per board (MiB) |",
+            "|---|---|---|---|---|",
+            f"| before | {g['before']['loss']:.4f} | {100 * g['before']['accuracy']:.1f}% | | |"]
+    for name, r in g["runs"].items():
+        rss = r.get("peak_rss_mib")
+        rss = max(rss) if isinstance(rss, list) else rss
+        rows.append(f"| {name} | {r['after']['loss']:.4f} | {100 * r['after']['accuracy']:.1f}% | "
+                    f"{r['seconds']:.0f} | {rss:.0f} |")
+    st = g["settings"]
+    return (f"Forward gradients (`bench/bench_fwdgrad.py`, `bench/results/fwdgrad.json`; "
+            f"{st['clients']} boards as federated clients, {st['rounds']} rounds, k = {st['k']} "
+            f"perturbations, batch {st['batch']} x {st['seq']}):\n\n" + "\n".join(rows) +
+            f"\n\nPeak RSS of a forward-gradient board / backprop full fine-tuning: "
+            f"{g['peak_rss_ratio_vs_bp_full']:.2f} (target <= 0.3: not met; docs/fwdgrad.md).")
+
+
+def decoder_table(d: dict) -> str:
+    keys = [k for k in ("ppl_before", "ppl_after") if k in d]
+    return ("SmolLM2-135M causal-LM fine-tuning (`bench/bench_decoder.py`, "
+            "`bench/results/decoder.json`): held-out perplexity " +
+            " -> ".join(f"{d[k]:.2f}" for k in keys) + ".")
+
+
+def links_table(l: dict) -> str:
+    s = l["summary"]
+    rows = ["| | loopback | {:.0f} Mbit/s + {:.0f} ms |".format(l["link"]["rate_mbit"],
+                                                            l["link"]["delay_ms_one_way"]),
+            "|---|---|---|",
+            f"| one activation ({s['activation_bytes'] >> 10} KiB) + ack, median | "
+            f"{s['loopback']['act_transfer_ms']:.1f} ms | {s['link']['act_transfer_ms']:.1f} ms "
+            f"(wire time {s['activation_wire_ms_at_rate']:.1f} ms) |",
+            f"| pipeline step, median | {s['loopback']['median_step_ms']:.0f} ms | "
+            f"{s['link']['median_step_ms']:.0f} ms (paired ratio "
+            f"{s['step_ratio_link_vs_loopback_paired_median']:.2f}) |"]
+    la = max(max(x) for x in l["loadavg"])
+    return ("Emulated link (`bench/bench_links.py`, `bench/results/links.json`; network namespaces, "
+            "tc tbf + a userspace delay relay, docs/boards.md):\n\n" + "\n".join(rows) +
+            f"\n\nLoad average up to {la:.0f} during this run: compute was several times slower "
+            "than on a quiet machine, and 1F1B hid the transfers behind it.")
+
+
 def main() -> int:
     parts = []
     r = _load("train_step.json")
@@ -105,6 +194,12 @@ def main() -> int:
     if p:
         parts.append("Pipeline across local boards (`bench/bench_pipeline.py`, `bench/results/pipeline.json`,"
                      " MiniLM batch 8 x 64, one core per board):\n\n" + pipeline_table(p))
+    for name, fn in (("memory.json", memory_table), ("faults.json", faults_line),
+                     ("far.json", far_table), ("fwdgrad.json", fwdgrad_table),
+                     ("decoder.json", decoder_table), ("links.json", links_table)):
+        d = _load(name)
+        if d:
+            parts.append(fn(d))
     readme = ROOT / "README.md"
     text = readme.read_text()
     if BEGIN not in text:

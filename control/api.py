@@ -364,13 +364,7 @@ class RunHandle:
         >>> from transformers import BertForSequenceClassification      # doctest: +SKIP
         >>> BertForSequenceClassification.from_pretrained(out)          # doctest: +SKIP
         """
-        from compiler.export import export_hf
-        from compiler.hf import read_config
-        from compiler.model_spec import split_qkv
-
-        model = _model_dir(self.config.model)
-        return export_hf(path, read_config(model), split_qkv(self.run.final_params()), model,
-                         len(LABELS), id2label=list(LABELS))
+        return self.run.export_hf(path)
 
     def __repr__(self) -> str:
         s = DashState.from_events(self.events.events())

@@ -213,6 +213,16 @@ class Run:
             raise ConfigError(f"{self.dir} has no valid checkpoint yet")
         return c.load()[0]
 
+    def export_hf(self, path: str | Path) -> Path:
+        """The newest checkpoint as a Hugging Face BertForSequenceClassification folder."""
+        from compiler.export import export_hf
+        from compiler.hf import default_model_dir, read_config
+        from compiler.model_spec import split_qkv
+
+        model = Path(self.config.model) if self.config.model else default_model_dir()
+        return export_hf(path, read_config(model), split_qkv(self.final_params()), model, 2,
+                         id2label=["negative", "positive"])
+
 
 def threads_per_board(cfg: RunConfig) -> int:
     return cfg.threads or max(1, len(os.sched_getaffinity(0)) // cfg.boards)

@@ -77,6 +77,20 @@ def run_command(config: Path | None, out: Path, *, resume_only: bool) -> int:
             signal.signal(s, h)
     print(f"\n{run.state} at step {run.step}/{cfg.steps}; report: {run.dir / 'report.html'}, "
           f"metrics: {run.dir / 'metrics.json'}, checkpoints: {run.checkpoint_dir}")
+    if run.state == "finished":
+        evals = [e.data for e in run.events.of("eval")]
+        if len(evals) >= 2:
+            a, b = evals[0], evals[-1]
+            print(f"  held-out loss     {a['loss']:.4f} -> {b['loss']:.4f}\n"
+                  f"  held-out accuracy {100 * a['accuracy']:.1f}% -> {100 * b['accuracy']:.1f}%"
+                  f"  ({b.get('examples', '?')} sentences)")
+        for e in run.events.of("board")[-cfg.boards:]:
+            d = e.data
+            print(f"  {d.get('name')}: stage {d.get('stage')}, peak RSS "
+                  f"{d.get('peak_rss_mib', 0):.0f} MiB")
+        if cfg.export_hf:
+            hf = run.export_hf(run.dir / "hf_model")
+            print(f"  fine-tuned Hugging Face model: {hf}")
     if run.state == "stopped":
         again = f"edgert run {config} --out {out}" if config else f"edgert run --out {out}"
         print(f"continue with: edgert resume {out}   (or the same command: {again})")

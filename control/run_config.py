@@ -47,6 +47,10 @@ class RunConfig:
     timeout_s : a board that does not answer a request within this many seconds is lost
     max_recoveries : give up after this many board losses
     board_every : board telemetry events every N steps
+    export_hf : at the end, write the fine-tuned model as a Hugging Face folder (DIR/hf_model)
+    replan_drift, replan_patience : re-plan live when a board runs this many times slower (or
+        faster) than planned, relative to the others, for this many consecutive steps (0 = off;
+        see [Note: speed drift] in control/replan.py)
 
     Examples
     --------
@@ -78,6 +82,9 @@ class RunConfig:
     timeout_s: float = 120.0
     max_recoveries: int = 3
     board_every: int = 2
+    export_hf: bool = True
+    replan_drift: float = 0.0
+    replan_patience: int = 3
 
     def __post_init__(self) -> None:
         positive = ("boards", "steps", "batch", "micro_batches", "seq", "checkpoint_every",
@@ -100,6 +107,13 @@ class RunConfig:
         if not isinstance(self.budget_mib, int | float) or self.budget_mib < 0:
             raise ConfigError(f"run config: budget_mib must be >= 0 (0 = unlimited), "
                               f"got {self.budget_mib!r}")
+        if not isinstance(self.replan_drift, int | float) or not (
+                self.replan_drift == 0 or self.replan_drift > 1):
+            raise ConfigError(f"run config: replan_drift must be 0 (off) or a factor > 1 such as "
+                              f"1.5, got {self.replan_drift!r}")
+        if type(self.replan_patience) is not int or self.replan_patience < 1:
+            raise ConfigError(f"run config: replan_patience must be an integer >= 1, got "
+                              f"{self.replan_patience!r}")
         if self.mode != "sync":
             raise ConfigError(f"run config: mode {self.mode!r} is not supported by runs; use "
                               f"'sync' (async 2BW has no consistent step boundary to checkpoint)")

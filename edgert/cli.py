@@ -240,6 +240,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     links = Links(None if a.bandwidth_mbps is None else a.bandwidth_mbps * 1e6 / 8,
                   a.latency_ms / 1e3)
     p = plan(bert_costs(dims, a.batch, a.seq), boards, a.micro_batches, links=links,
+             objective=a.objective,
              search_order=a.search_order)
     print(p.explain())
     print(f"speeds relative to {ref:.0f} GFLOP/s; compile with: --split {p.to_split()}")
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--accel-sync-ms", type=float, default=0.0,
                    help="per-layer cost of splitting heads onto a board's accelerator")
     q.add_argument("--search-order", action="store_true", help="also try every board order")
+    q.add_argument("--objective", choices=("time", "memory"), default="time",
+                   help="time: the fastest pipeline that fits every budget; memory: the smallest "
+                        "largest-board footprint (docs/pipeline.md, memory-first plans)")
     q.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("serve", help="run the board daemon (TVM runtime only)")
