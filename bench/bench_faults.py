@@ -1,6 +1,13 @@
-"""Benchmark: what losing a board costs an unattended run (control/run.py, [Note: recovery]).
+"""Benchmark: what losing a board, or one slowing down, costs an unattended run (issue 6).
 
-    .venv/bin/python bench/bench_faults.py            # ~3-5 min on 2 busy cores
+    .venv/bin/python bench/bench_faults.py                    # both parts, ~6-8 min on 2 busy cores
+    .venv/bin/python bench/bench_faults.py --parts throttle   # only the throttled-board part
+
+Part "throttle" (bench/bench_throttle.py): one board at a quarter of the other's speed, the
+re-planned split vs the even one (`throttled_speedup_vs_even`); results are merged into the same
+file, keeping the other part's keys.
+
+Part "kill":
 
 A 2-board sync run of MiniLM-L6 (split 0:3,3:6, micro-batch 4 x 32 tokens, 2 micro-batches per
 step, a checkpoint every 4 steps) loses board0 to SIGKILL 0.1 s into step 7; the run detects it,
@@ -13,6 +20,7 @@ the step time before and after, from the run's own events. Results: bench/result
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -91,10 +99,28 @@ def main() -> None:
         "loadavg": {"before": load_before, "after": os.getloadavg(),
                     "note": "shared 2-core machine with other engineers' jobs running"},
     }
+    merge(res)
+
+
+def merge(res: dict) -> None:
+    """Update bench/results/faults.json with `res`, keeping the other parts' keys."""
+    old = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    old.update(res)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=1))
+    OUT.write_text(json.dumps(old, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="kill,throttle",
+                    help="kill: a board's death (recovery_seconds, steps_redone); throttle: a "
+                         "quarter-speed board, re-planned vs even split "
+                         "(throttled_speedup_vs_even)")
+    parts = ap.parse_args().parts.split(",")
+    if "kill" in parts:
+        main()
+    if "throttle" in parts:
+        from bench.bench_throttle import throttled
+
+        merge(throttled())

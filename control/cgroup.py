@@ -164,3 +164,116 @@ class MemoryCgroup:
                     raise ConfigError(f"cannot remove {self.path}: processes {self.pids()} are "
                                       f"still in it; kill them and rmdir it") from None
                 time.sleep(0.05)
+
+
+# ---- CPU quotas ---------------------------------------------------------------------------------
+
+CPU_V1_ROOT = Path("/sys/fs/cgroup/cpu")
+CPU_PERIOD_US = 10_000     # short CFS periods: a 25% cap then means 2.5 ms of every 10 ms, not
+                           # 25 ms bursts followed by 75 ms stalls (steps here last tens of ms)
+
+
+def own_cpu_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                   root: Path = CPU_V1_ROOT) -> Path:
+    """This process's cgroup v1 cpu directory; ConfigError (with the fix) if there is none."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read {proc_cgroup} ({e}): CPU caps need Linux cgroups") from e
+    rel = next((ln.split(":", 2)[2] for ln in lines
+                if "cpu" in ln.split(":", 2)[1].split(",")), None)
+    if rel is None:
+        raise ConfigError(
+            f"CPU caps need the cgroup v1 cpu controller, but {proc_cgroup} has no ':cpu:' line "
+            "(cgroup v2 only?); run without a CPU cap, or on a host that mounts the v1 cpu "
+            "controller at /sys/fs/cgroup/cpu")
+    d = root / rel.lstrip("/")
+    if not (d / "cpu.cfs_quota_us").is_file():
+        raise ConfigError(f"the cgroup v1 cpu controller is not mounted at {d} (no "
+                          f"cpu.cfs_quota_us); mount it (mount -t cgroup -o cpu cpu {root}) or "
+                          f"run without a CPU cap")
+    return d
+
+
+class CpuCap:
+    """One child cpu cgroup whose processes together get at most `fraction` of one core.
+
+    `fraction` is of a single CPU (0.25 = a quarter of one core; 2.0 = two cores); the kernel's CFS
+    bandwidth control enforces it as `cpu.cfs_quota_us` per `cpu.cfs_period_us`. Pin a capped
+    board to one core (LocalCluster.pin) so "a quarter of the speed" means a quarter of that core.
+
+    Examples
+    --------
+    >>> cap = CpuCap.create("board1", 0.25)          # doctest: +SKIP
+    >>> cap.add(board_pid); cap.set(0.5); cap.close()  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, name: str, fraction: float, period_us: int) -> None:
+        self.path, self.name, self.fraction, self.period_us = path, name, fraction, period_us
+
+    @classmethod
+    def create(cls, name: str, fraction: float, parent: Path | None = None,
+               period_us: int = CPU_PERIOD_US) -> CpuCap:
+        parent = parent or own_cpu_cgroup()
+        path = parent / f"edgert-{os.getpid()}-{name}-cpu-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+        except OSError as e:
+            raise ConfigError(f"cannot create the cpu cgroup {path} ({e}); run without a CPU "
+                              f"cap or fix the permissions of {parent}") from e
+        cap = cls(path, name, fraction, period_us)
+        try:
+            (path / "cpu.cfs_period_us").write_text(f"{period_us}\n")
+            cap.set(fraction)
+        except BaseException:
+            cap.close()
+            raise
+        return cap
+
+    @staticmethod
+    def quota_us(fraction: float, period_us: int) -> int:
+        """CFS quota for `fraction` of a core (the kernel's minimum is 1000 us)."""
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or fraction <= 0:
+            raise ConfigError(f"a CPU cap is a fraction of one core > 0 (0.25 = a quarter), got "
+                              f"{fraction!r}")
+        q = round(fraction * period_us)
+        if q < 1000:
+            raise ConfigError(f"a CPU cap of {fraction} x {period_us} us periods is {q} us, below "
+                              f"the kernel's 1000 us minimum quota; raise the fraction or the "
+                              f"period")
+        return q
+
+    def set(self, fraction: float) -> None:
+        """Change the cap of the running members (takes effect within one period)."""
+        q = self.quota_us(fraction, self.period_us)
+        (self.path / "cpu.cfs_quota_us").write_text(f"{q}\n")
+        self.fraction = fraction
+
+    def add(self, pid: int) -> None:
+        """Move a running process and all its threads in (cgroup.procs moves the thread group)."""
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
+
+    def stat(self) -> dict[str, int]:
+        """cpu.stat: nr_periods, nr_throttled, throttled_time (ns)."""
+        out = {}
+        for ln in (self.path / "cpu.stat").read_text().splitlines():
+            k, _, v = ln.partition(" ")
+            out[k] = int(v)
+        return out
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Move remaining members back to the parent and remove the cgroup (idempotent)."""
+        if not self.path.exists():
+            return
+        for pid in self.pids():
+            try:
+                (self.path.parent / "cgroup.procs").write_text(f"{pid}\n")
+            except OSError:
+                pass           # exited meanwhile
+        MemoryCgroup.close(self, timeout)  # type: ignore[arg-type]  # same rmdir-until-empty loop

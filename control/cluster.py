@@ -432,6 +432,35 @@ class LocalCluster:
     def stats(self, i: int = 0) -> dict[str, Any]:
         return dict(self.request(self.boards[i], Kind.STATS).header.body)
 
+    def pin(self, name: str, cores: set[int]) -> None:
+        """Set the CPU affinity of every thread of board `name` (TVM's pool threads included)."""
+        import os
+
+        b = next(x for x in self.boards if x.name == name)
+        for tid in os.listdir(f"/proc/{b.proc.pid}/task"):
+            os.sched_setaffinity(int(tid), cores)
+
+    def throttle(self, name: str, fraction: float, core: int | None = None) -> None:
+        """Cap board `name` at `fraction` of one core (cgroup v1 CFS quota, control.cgroup.CpuCap),
+        pinned to `core` if given; call again to change the cap. Simulates a board that slows down
+        (its owner using it, thermal throttling)."""
+        from control.cgroup import CpuCap
+
+        b = next((x for x in self.boards if x.name == name), None)
+        if b is None:
+            raise ConfigError(f"no board {name!r} to throttle; boards: "
+                              f"{[x.name for x in self.boards]}")
+        if core is not None:
+            self.pin(name, {core})
+        key = f"{name}/cpu"            # closed with the memory caps in close()
+        cap = self.cgroups.get(key)
+        if cap is None:
+            cap = CpuCap.create(name, fraction)
+            self.cgroups[key] = cap    # type: ignore[assignment]
+            cap.add(b.proc.pid)
+        else:
+            cap.set(fraction)  # type: ignore[attr-defined]
+
     def client(self, name: str) -> ZmqTransport:
         """A second controller-keyed client (identity `name`) for probes and fault tests."""
         return ZmqTransport(name, keys=self.keys, key_name=CONTROLLER, max_msg_bytes=-1)

@@ -134,6 +134,8 @@ def _loop(run: Run, job: Job) -> None:
             one_step(run, job)
             high = max(high, run.step)
             after_step(run, job)
+            if run.step < cfg.steps:
+                maybe_replan(run, job)
         except (BoardError, TransportError) as e:
             recover_until_done(run, job, e, high)
 
@@ -192,19 +194,20 @@ def initial_ranges(run: Run, job: Job) -> list[tuple[int, int]]:
 
 def plan_over(run: Run, job: Job, names: list[str]) -> list[tuple[int, int]]:
     """The memory-aware planner's split over these boards (one stage each)."""
-    from control.partition import Board, plan
+    from control.partition import plan
 
-    boards = [Board(n, run.config.budget_bytes) for n in names]
+    boards = stage_boards(run, names)
     p = plan(job.costs, boards, job.micro_batches)
     log.info("plan over %s:\n%s", names, p.explain())
     return p.ranges
 
 
 def deploy(run: Run, job: Job, ranges: list[tuple[int, int]], reason: str,
-           c: ckpt.Checkpoint | None) -> dict[str, float]:
+           c: ckpt.Checkpoint | None, state: tuple[dict, dict, int] | None = None
+           ) -> dict[str, float]:
     """Compile (from the cache when possible) and load `ranges` on the first boards; then load
-    checkpoint `c` (or start from the bundles' initial weights at step 0). Returns the seconds
-    each part took."""
+    checkpoint `c`, or the live `state` (params, AdamW moments, step) of a migration, or start
+    from the bundles' initial weights at step 0. Returns the seconds each part took."""
     from control.job import compile_bundles
 
     t0 = time.perf_counter()
@@ -217,12 +220,16 @@ def deploy(run: Run, job: Job, ranges: list[tuple[int, int]], reason: str,
     t2 = time.perf_counter()
     if c is not None:
         params, opt = c.load()
-        run.cluster.load_state(params, opt, c.step)
+        state = (params, opt, c.step)
+    if state is not None:
+        run.cluster.load_state(*state)
     t3 = time.perf_counter()
-    run.step = c.step if c is not None else 0
+    run.step = state[2] if state is not None else 0
+    drift_watch(run).reset(deployed=True, decided=reason == "re-plan")
     run.ranges, run._bundles, run._pipe = list(ranges), list(bundles), None
     run.events.emit("plan", ranges=[list(r) for r in ranges], mode="sync", reason=reason,
-                    boards=[b.name for b in run.cluster.stages], micro_batches=job.micro_batches)
+                    boards=[b.name for b in run.cluster.stages], micro_batches=job.micro_batches,
+                    **({"speeds": dict(run._speeds)} if getattr(run, "_speeds", None) else {}))
     return {"compile_s": t1 - t0, "deploy_s": t2 - t1, "load_checkpoint_s": t3 - t2}
 
 
@@ -329,3 +336,84 @@ def recover(run: Run, job: Job, error: BaseException, high: int) -> None:
               f"{ranges} on {survivors[:k]}; from checkpoint step {start}, redoing "
               f"{high - start} step(s)")
 
+
+# ---- re-partitioning on speed drift (see [Note: speed drift] in control/replan.py) -------------
+
+def drift_watch(run: Run) -> Any:
+    """The run's drift detector (created on first use; `deploy` resets it)."""
+    from control.replan import Drift, Watch
+
+    w = getattr(run, "_watch", None)
+    if w is None:
+        cfg = run.config
+        w = run._watch = Watch(Drift(cfg.replan_drift, cfg.replan_patience))
+    return w
+
+
+def stage_boards(run: Run, names: list[str]) -> list[Any]:
+    """Planner boards for `names` with the run's memory budget and measured speed estimates."""
+    from control.partition import Board
+    from control.replan import with_speed
+
+    speeds = getattr(run, "_speeds", None) or {}
+    return [with_speed(Board(n, run.config.budget_bytes), speeds.get(n, 1.0)) for n in names]
+
+
+def stage_compute_s(cluster: Any) -> list[float]:
+    """Each stage board's compute seconds in the last step: from its step reply, else STATS."""
+    from edgert.protocol import Kind
+
+    replies = {name: m.header.body for (name, _), m in cluster.last_step_replies.items()}
+    out = []
+    for b in cluster.stages:
+        t = replies.get(b.name, {}).get("compute_s")
+        if t is None:
+            comp = cluster.request(b, Kind.STATS).header.body.get("compute_s") or [None]
+            t = comp[-1]
+        if t is None:
+            raise BoardError(f"{b.name} reports no compute time for its last step")
+        out.append(float(t))
+    return out
+
+
+def maybe_replan(run: Run, job: Job) -> bool:
+    """Measure drift after this step; re-plan and migrate live when it persists (True if moved)."""
+    from control.partition import evaluate as evaluate_plan
+    from control.replan import decide, predicted_step_s
+
+    watch = drift_watch(run)
+    if not watch.cfg.on or len(run.ranges) < 2:
+        return False
+    names = [b.name for b in run.cluster.stages]
+    boards = stage_boards(run, names)
+    current = evaluate_plan(job.costs, boards, run.ranges, job.micro_batches)
+    measured = stage_compute_s(run.cluster)
+    r = watch.observe(measured, predicted_step_s(current))
+    if r is None:
+        return False
+    run._speeds = dict(getattr(run, "_speeds", None) or {})
+    d = decide(job.costs, boards, run._speeds, run.ranges, r, job.micro_batches,
+               watch.cfg.margin)
+    run._speeds.update(d.speeds)
+    if not d.move:
+        run.alert("info", f"step {run.step}: speed drift, no better split: {d.why}")
+        watch.reset(deployed=False, decided=True)
+        return False
+    run.alert("warning", f"step {run.step}: speed drift, re-planning live: {d.why}")
+    migrate(run, job, d.proposed.ranges, d.why)
+    return True
+
+
+def migrate(run: Run, job: Job, ranges: list[tuple[int, int]], why: str) -> None:
+    """Move to `ranges` without restarting: weights and AdamW moments from the boards at this step
+    boundary, compile (cached), LOAD in place, set the state, continue at the same step."""
+    t0 = time.perf_counter()
+    step, old = run.step, list(run.ranges)
+    params, opt = gather(run, True)
+    t1 = time.perf_counter()
+    parts = deploy(run, job, ranges, "re-plan", None, (params, opt, step))
+    rec = {"step": step, "from": [list(x) for x in old], "to": [list(x) for x in ranges],
+           "why": why, "speeds": dict(run._speeds), "seconds": time.perf_counter() - t0,
+           "gather_s": t1 - t0, **parts}
+    run.replans = [*getattr(run, "replans", []), rec]
+    log.info("re-planned at step %d: %s -> %s in %.1f s", step, old, ranges, rec["seconds"])

@@ -279,8 +279,9 @@ def test_plan_over_budget_is_refused_before_upload(fault_cluster, bundles):
 
 
 def test_bundle_over_budget_is_refused_before_loading(fault_cluster, bundles):
-    with pytest.raises(BoardError, match=r"needs an estimated [\d.]+ MiB = 4 x [\d.]+ MiB "
-                                         r"parameters .* over this board's budget of 64.0 MiB"):
+    with pytest.raises(BoardError, match=r"needs an estimated [\d.]+ MiB = [\d.]+ MiB weights "
+                                         r"\+ 3 x [\d.]+ MiB for the trained ones .* over this "
+                                         r"board's budget of 64.0 MiB"):
         fault_cluster.deploy(bundles[1], micro_batches=M, check_memory=False)
     prof = fault_cluster.profile(0)
     assert prof["stage"] is None
