@@ -90,8 +90,6 @@ def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = 
     """Compile one stage's library; returns (path to the .so in the cache, build info)."""
     import tvm
 
-    from compiler.stage import StageGraph
-
     key_src = json.dumps({"dims": asdict(dims), "spec": asdict(spec), "target": _target_record(arch),
                           "dtype": dtype, "configs": configs or {}, "compiler": compiler_hash(),
                           "tvm": tvm.__version__}, sort_keys=True)
@@ -101,7 +99,7 @@ def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = 
     if use_cache and lib.is_file() and info_path.is_file():
         return lib, json.loads(info_path.read_text())
     t0 = time.perf_counter()
-    g = StageGraph(dims, spec, arch, dtype, configs)
+    g = _graph(dims, spec, arch, dtype, configs)
     mod = g.build(optimizer=True)
     t1 = time.perf_counter()
     ex = tvm.compile(mod, target=arch.tvm_target(), relax_pipeline=_relax_pipeline(arch))
@@ -125,26 +123,32 @@ def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = 
     return lib, info
 
 
-def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec: StageSpec, arch: Arch,
-                 params: dict[str, np.ndarray], model_id: str, checkpoint_sha256: str,
-                 dtype: str = "float32") -> Manifest:
-    """Assemble a bundle directory (see edgert/artifact.py) from a compiled library and parameters."""
-    import tvm
-    from safetensors.numpy import save_file
+def _is_decoder(dims) -> bool:
+    from compiler.llama import LlamaConfig
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = stage_params(spec, dims)
-    missing = [n for n, _ in names if n not in params]
-    if missing:
-        raise ModelError(f"stage {spec.index} needs parameters the model does not have: {missing[:4]}")
-    for n, shape in names:
-        if tuple(params[n].shape) != tuple(shape):
-            raise ModelError(f"parameter {n} has shape {params[n].shape}, the stage expects {shape}")
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)   # a half-written bundle never looks valid
-    shutil.copyfile(lib, out_dir / LIB_FILE)
-    save_file({n: np.ascontiguousarray(params[n], dtype=dtype) for n, _ in names},
-              str(out_dir / PARAMS_FILE))
+    return isinstance(dims, LlamaConfig)
+
+
+def _graph(dims, spec, arch: Arch, dtype: str, configs: dict | None):
+    """The stage graph for `dims`: a BERT `ModelDims` or a LLaMA-style `LlamaConfig`."""
+    if _is_decoder(dims):
+        from compiler.decoder_stage import DecoderStageGraph
+
+        return DecoderStageGraph(dims, spec, arch, dtype, configs)
+    from compiler.stage import StageGraph
+
+    return StageGraph(dims, spec, arch, dtype, configs)
+
+
+def _stage_io(dims, spec, dtype: str) -> tuple[list, list, list[TensorMeta], list[TensorMeta]]:
+    """(param names+shapes, data inputs, leading outputs) of a BERT or decoder stage."""
+    if _is_decoder(dims):
+        from compiler.llama import stage_io
+        from compiler.llama import stage_params as dec_params
+
+        data, outs = stage_io(dims, spec, dtype)
+        return (dec_params(dims, spec), [TensorMeta(*t) for t in data],
+                [TensorMeta(*t) for t in outs])
     B, T, D = spec.batch, spec.seq, dims.hidden
     data = []
     if spec.has_embeddings:
@@ -156,6 +160,29 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
         data.append(TensorMeta("labels", (B,), "int64"))
     outs = ([TensorMeta("loss", (1,), dtype), TensorMeta("logits", (B, dims.num_labels), dtype)]
             if spec.has_head else [TensorMeta("hidden", (B * T, D), dtype)])
+    return stage_params(spec, dims), data, outs
+
+
+def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec: StageSpec, arch: Arch,
+                 params: dict[str, np.ndarray], model_id: str, checkpoint_sha256: str,
+                 dtype: str = "float32") -> Manifest:
+    """Assemble a bundle directory (see edgert/artifact.py) from a compiled library and parameters."""
+    import tvm
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, data, outs = _stage_io(dims, spec, dtype)
+    missing = [n for n, _ in names if n not in params]
+    if missing:
+        raise ModelError(f"stage {spec.index} needs parameters the model does not have: {missing[:4]}")
+    for n, shape in names:
+        if tuple(params[n].shape) != tuple(shape):
+            raise ModelError(f"parameter {n} has shape {params[n].shape}, the stage expects {shape}")
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)   # a half-written bundle never looks valid
+    shutil.copyfile(lib, out_dir / LIB_FILE)
+    save_file({n: np.ascontiguousarray(params[n], dtype=dtype) for n, _ in names},
+              str(out_dir / PARAMS_FILE))
     m = Manifest(
         model_id=model_id, checkpoint_sha256=checkpoint_sha256, dims=asdict(dims), stage=asdict(spec),
         target=_target_record(arch), tvm_version=tvm.__version__, compiler_hash=compiler_hash(),

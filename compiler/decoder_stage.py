@@ -26,7 +26,8 @@ from tvm import relax
 from compiler.arch import Arch
 from compiler.kernels import causal_attention as CA
 from compiler.kernels import gemm, lm, rmsnorm, rope, swiglu
-from compiler.llama import GATE_UP, QKV, DecoderSpec, LlamaConfig, stage_params
+from compiler.llama import GATE_UP, LORA_A, LORA_B, QKV, DecoderSpec, LlamaConfig, stage_params
+from compiler.peft import build_scale
 from compiler.stage import Emitter, StageGraph, _tt
 from edgert.artifact import STAGE_BACKWARD, STAGE_FORWARD
 
@@ -39,7 +40,8 @@ class DecoderStageGraph(StageGraph):
         self.c, self.s, self.arch, self.dtype = cfg, spec, arch, dtype
         self.M = spec.batch * spec.seq
         self.params = stage_params(cfg, spec)
-        self.trainable = list(self.params)
+        fz = set(spec.frozen)   # See [Note: frozen params] in compiler/stage.py
+        self.trainable = [p for p in self.params if p[0] not in fz]
         self.bb = relax.BlockBuilder()
         self.E = Emitter(self.bb, arch, dtype, configs or {})
         self.saved_names: list[str] = []
@@ -66,6 +68,14 @@ class DecoderStageGraph(StageGraph):
         n1, _, r1 = E(rmsnorm.build_rmsnorm_fwd, [h, P["input_layernorm.weight"]], M, H, n_out=3,
                       eps=c.rms_norm_eps, residual=False)
         (qkv,) = E(gemm.build_gemm, [n1, P[QKV]], M, C, H, trans_b=True)
+        lora = {}
+        if self.s.lora_rank:    # qkv += s (n1 A^T) B^T
+            r = self.s.lora_rank
+            (xa,) = E(gemm.build_gemm, [n1, P[LORA_A]], M, r, H, trans_b=True)
+            (xs,) = E(build_scale, [xa], M, r, s=self._lora_scale())
+            (qkv,) = E(gemm.build_gemm, [xs, P[LORA_B], qkv], M, C, r, trans_b=True,
+                       epilogue="add")
+            lora = {"lora_xs": xs}
         (qkr,) = E(rope.build_rope, [qkv, *tabs], B, T, nh, nkv, d)
         ctx, probs = E(CA.build_causal_attention_fwd, [qkr, maskf], B, T, nh, nkv, d, n_out=2)
         (o,) = E(gemm.build_gemm, [ctx, P["self_attn.o_proj.weight"]], M, H, nh * d, trans_b=True)
@@ -76,7 +86,14 @@ class DecoderStageGraph(StageGraph):
         (out,) = E(gemm.build_gemm, [a, P["mlp.down_proj.weight"], s2], M, H, I, trans_b=True,
                    epilogue="add")
         return out, dict(h=h, r1=r1, n1=n1, qkr=qkr, probs=probs, ctx=ctx, s2=s2, r2=r2, n2=n2,
-                         gu=gu, a=a)
+                         gu=gu, a=a, **lora)
+
+    def _lora_scale(self) -> float:
+        return self.s.lora_alpha / self.s.lora_rank
+
+    def _wants(self, name: str) -> bool:
+        """Whether the backward computes `name`'s weight gradient (frozen ones are skipped)."""
+        return name not in self.s.frozen
 
     def _head_fwd(self, h, labels, P):
         E, c, M = self.E, self.c, self.M
@@ -127,25 +144,38 @@ class DecoderStageGraph(StageGraph):
         self._saved_types = [v.ty for _, v in saved]
 
     # ---- backward -------------------------------------------------------------------------
-    def _layer_bwd(self, dout, S, P, G):
+    def _layer_bwd(self, dout, S, P, G, pre=""):
         E, c, M = self.E, self.c, self.M
         B, T, H, I, d = self.s.batch, self.s.seq, c.hidden_size, c.intermediate_size, c.head_dim
         nh, nkv, C = c.num_attention_heads, c.num_key_value_heads, self.C
-        (G["mlp.down_proj.weight"],) = E(gemm.build_gemm, [dout, S["a"]], H, I, M, trans_a=True)
+        want = lambda k: self._wants(pre + k)  # noqa: E731
+        if want("mlp.down_proj.weight"):
+            (G["mlp.down_proj.weight"],) = E(gemm.build_gemm, [dout, S["a"]], H, I, M,
+                                             trans_a=True)
         (da,) = E(gemm.build_gemm, [dout, P["mlp.down_proj.weight"]], M, I, H)
         (dgu,) = E(swiglu.build_swiglu_bwd, [da, S["gu"]], M, I)
-        (G[GATE_UP],) = E(gemm.build_gemm, [dgu, S["n2"]], 2 * I, H, M, trans_a=True)
+        if want(GATE_UP):
+            (G[GATE_UP],) = E(gemm.build_gemm, [dgu, S["n2"]], 2 * I, H, M, trans_a=True)
         (dn2,) = E(gemm.build_gemm, [dgu, P[GATE_UP]], M, H, 2 * I)
         ds2, G["post_attention_layernorm.weight"] = E(
             rmsnorm.build_rmsnorm_bwd, [dn2, S["s2"], S["r2"], P["post_attention_layernorm.weight"],
                                         dout], M, H, n_out=2, residual_grad=True)
-        (G["self_attn.o_proj.weight"],) = E(gemm.build_gemm, [ds2, S["ctx"]], H, nh * d, M,
-                                            trans_a=True)
+        if want("self_attn.o_proj.weight"):
+            (G["self_attn.o_proj.weight"],) = E(gemm.build_gemm, [ds2, S["ctx"]], H, nh * d, M,
+                                                trans_a=True)
         (dctx,) = E(gemm.build_gemm, [ds2, P["self_attn.o_proj.weight"]], M, nh * d, H)
         (dqkr,) = E(CA.build_causal_attention_bwd, [S["qkr"], S["probs"], dctx], B, T, nh, nkv, d)
         (dqkv,) = E(rope.build_rope, [dqkr, *self._rope_tables()], B, T, nh, nkv, d, inverse=True)
-        (G[QKV],) = E(gemm.build_gemm, [dqkv, S["n1"]], C, H, M, trans_a=True)
+        if want(QKV):
+            (G[QKV],) = E(gemm.build_gemm, [dqkv, S["n1"]], C, H, M, trans_a=True)
         (dn1,) = E(gemm.build_gemm, [dqkv, P[QKV]], M, H, C)
+        if self.s.lora_rank:    # dB = dqkv^T xs ; dA = (s dqkv B)^T n1 ; dn1 += (s dqkv B) A
+            r = self.s.lora_rank
+            (G[LORA_B],) = E(gemm.build_gemm, [dqkv, S["lora_xs"]], C, r, M, trans_a=True)
+            (dxs,) = E(gemm.build_gemm, [dqkv, P[LORA_B]], M, r, C)
+            (dxa,) = E(build_scale, [dxs], M, r, s=self._lora_scale())
+            (G[LORA_A],) = E(gemm.build_gemm, [dxa, S["n1"]], r, H, M, trans_a=True)
+            (dn1,) = E(gemm.build_gemm, [dxa, P[LORA_A], dn1], M, H, r, epilogue="add")
         dh, G["input_layernorm.weight"] = E(
             rmsnorm.build_rmsnorm_bwd, [dn1, S["h"], S["r1"], P["input_layernorm.weight"], ds2],
             M, H, n_out=2, residual_grad=True)
@@ -154,18 +184,28 @@ class DecoderStageGraph(StageGraph):
     def _head_bwd(self, scale, S, P, G):
         E, c, M = self.E, self.c, self.M
         B, T, H, V = self.s.batch, self.s.seq, c.hidden_size, c.vocab_size
+        head = self._head_name()
+        if not self._wants(head):   # frozen head: dhn = dlogits W, one GEMM over the vocabulary
+            (dl,) = E(lm.build_lm_loss_bwd, [S["logits"], S["lse"], S["labels"], scale], B, T, V)
+            dl2 = self.bb.emit(relax.op.reshape(dl, (M, V)))
+            (dhn,) = E(gemm.build_gemm, [dl2, P[head]], M, H, V)
+            return self._final_norm_bwd(dhn, S, P, G)
         # vocabulary-chunked head backward: see [Note: head accumulation] in kernels/lm.py
         Vc = lm.head_chunk(V)
         nb = V // Vc
         (dl,) = E(lm.build_lm_loss_bwd, [S["logits"], S["lse"], S["labels"], scale], B, T, V,
                   chunk=Vc)                                                   # [nb, M, Vc]
-        head = self._head_name()
-        (hn_rep,) = E(lm.build_replicate, [S["hn"]], nb, M, H)               # [nb, M, H]
-        (dw3,) = E(gemm.build_gemm, [dl, hn_rep], Vc, H, M, trans_a=True, batch=(nb,))
-        G[head + "@head"] = self.bb.emit(relax.op.reshape(dw3, (V, H)))
+        if self._wants(head):
+            (hn_rep,) = E(lm.build_replicate, [S["hn"]], nb, M, H)           # [nb, M, H]
+            (dw3,) = E(gemm.build_gemm, [dl, hn_rep], Vc, H, M, trans_a=True, batch=(nb,))
+            G[head + "@head"] = self.bb.emit(relax.op.reshape(dw3, (V, H)))
         w3 = self.bb.emit(relax.op.reshape(P[head], (nb, Vc, H)))
         (parts,) = E(gemm.build_gemm, [dl, w3], M, H, Vc, batch=(nb,))         # [nb, M, H]
         (dhn,) = E(lm.build_chunk_sum, [parts], nb, M, H)
+        return self._final_norm_bwd(dhn, S, P, G)
+
+    def _final_norm_bwd(self, dhn, S, P, G):
+        E, M, H = self.E, self.M, self.c.hidden_size
         dh, G["model.norm.weight"] = E(rmsnorm.build_rmsnorm_bwd, [dhn, S["h"], S["rf"],
                                                                    P["model.norm.weight"]],
                                        M, H, n_out=2, residual_grad=False)
@@ -195,9 +235,9 @@ class DecoderStageGraph(StageGraph):
                     S = {k.split(".", 1)[1]: v for k, v in SV.items()
                          if k.startswith(f"layer{li}.")}
                     LG: dict[str, relax.Expr] = {}
-                    dh = self._layer_bwd(dh, S, LP, LG)
+                    dh = self._layer_bwd(dh, S, LP, LG, pre)
                     G.update({pre + k: v for k, v in LG.items()})
-                if s.has_embeddings:
+                if s.has_embeddings and self._wants("model.embed_tokens.weight"):
                     (G["model.embed_tokens.weight"],) = self.E(
                         lm.build_tok_embed_bwd, [SV["emb.ids"], dh], s.batch, s.seq,
                         c.vocab_size, c.hidden_size)

@@ -248,6 +248,8 @@ def load_llama(path: str | Path) -> LlamaCheckpoint:
 # held as a copy named ``lm_head.weight`` there (see docs/decoder.md, tied weights).
 QKV = "self_attn.qkv_proj.weight"
 GATE_UP = "mlp.gate_up_proj.weight"
+LORA_A = "self_attn.qkv_proj.lora_A"   # [r, H]   LoRA on the fused QKV (docs/decoder.md)
+LORA_B = "self_attn.qkv_proj.lora_B"   # [C, r]
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +261,11 @@ class DecoderSpec:
     num_layers: int
     batch: int
     seq: int
+    index: int = 0                     # position in the pipeline (bundle manifests need it)
+    num_stages: int = 1
+    frozen: tuple[str, ...] = ()       # inputs only: no gradient, no AdamW state
+    lora_rank: int = 0                 # > 0: LoRA factors on every layer's fused QKV
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.first < self.last <= self.num_layers:
@@ -266,6 +273,9 @@ class DecoderSpec:
                              f"0..{self.num_layers}; use a split like 0:10,10:20,20:30")
         if self.batch < 1 or self.seq < 2:
             raise ModelError(f"batch {self.batch} / seq {self.seq}: need batch >= 1, seq >= 2")
+        if not 0 <= self.index < self.num_stages or self.lora_rank < 0:
+            raise ModelError(f"stage index {self.index} of {self.num_stages} / LoRA rank "
+                             f"{self.lora_rank}: need 0 <= index < num_stages and rank >= 0")
 
     @property
     def has_embeddings(self) -> bool:
@@ -285,8 +295,10 @@ def stage_params(cfg: LlamaConfig, spec: DecoderSpec) -> list[tuple[str, tuple[i
         out.append(("model.embed_tokens.weight", (V, H)))
     for i in range(spec.first, spec.last):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (H,)), (p + QKV, (C, H)),
-                (p + "self_attn.o_proj.weight", (H, H)),
+        out += [(p + "input_layernorm.weight", (H,)), (p + QKV, (C, H))]
+        if spec.lora_rank:
+            out += [(p + LORA_A, (spec.lora_rank, H)), (p + LORA_B, (C, spec.lora_rank))]
+        out += [(p + "self_attn.o_proj.weight", (H, H)),
                 (p + "post_attention_layernorm.weight", (H,)), (p + GATE_UP, (2 * I, H)),
                 (p + "mlp.down_proj.weight", (H, I))]
     if spec.has_head:
@@ -336,3 +348,16 @@ def split_grads(cfg: LlamaConfig, spec: DecoderSpec, grads: list[np.ndarray]
             out[name] = g
     del H
     return out
+
+
+def stage_io(cfg: LlamaConfig, spec: DecoderSpec, dtype: str = "float32"):
+    """(data inputs, leading outputs) of a decoder stage as (name, shape, dtype) triples, in the
+    order of ``stage_forward`` (the bundle manifest records them; compiler/build.py)."""
+    B, T, H = spec.batch, spec.seq, cfg.hidden_size
+    data = [("input_ids", (B, T), "int64") if spec.has_embeddings
+            else ("hidden", (B * T, H), dtype), ("attention_mask", (B, T), "int64")]
+    if spec.has_head:
+        data.append(("labels", (B, T), "int64"))
+    outs = ([("loss", (1,), dtype), ("logits", (B * T, cfg.vocab_size), dtype)] if spec.has_head
+            else [("hidden", (B * T, H), dtype)])
+    return data, outs

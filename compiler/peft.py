@@ -138,3 +138,58 @@ def lora_backward(g, dqkv, dx, S, P, G):
 
 _TINY = ModelDims(vocab=10, hidden=8, layers=1, heads=2, ffn=16, max_pos=16, type_vocab=2,
                   eps=1e-12, hidden_dropout=0.1, attn_dropout=0.1, num_labels=2)
+
+
+# ---- LoRA for LLaMA-style decoders (compiler/decoder_stage.py) ---------------------------------
+def decoder_lora_spec(cfg, spec, *, rank: int = 8, alpha: float = 16.0):
+    """A `compiler.llama.DecoderSpec` with LoRA factors on every layer's fused QKV and *every*
+    base weight frozen (embedding, tied head, norms, projections): only the factors train, so the
+    tied embedding/head needs no gradient exchange between the first and last stage."""
+    if rank < 1 or not alpha > 0:
+        raise ConfigError(f"LoRA needs rank >= 1 and alpha > 0, got rank {rank}, alpha {alpha}")
+    spec = dataclasses.replace(spec, lora_rank=rank, lora_alpha=float(alpha), frozen=())
+    return dataclasses.replace(spec, frozen=decoder_frozen(cfg, spec))
+
+
+def decoder_frozen(cfg, spec) -> tuple[str, ...]:
+    """Names of the base (non-LoRA) parameters of a decoder stage, in stage_params order."""
+    from compiler.llama import stage_params as dec_params
+
+    return tuple(n for n, _ in dec_params(cfg, spec) if ".lora_" not in n)
+
+
+def decoder_lora_init(cfg, spec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Initial factors per layer: A ~ N(0, 1/H) (seeded by layer, so any split draws the same
+    values), B = 0 (the model starts unchanged)."""
+    from compiler.llama import LORA_A, LORA_B
+
+    H = cfg.hidden_size
+    C = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    out = {}
+    for li in range(spec.first, spec.last):
+        rng = np.random.default_rng([seed, 0x10A, li])
+        pre = f"model.layers.{li}."
+        out[pre + LORA_A] = (rng.standard_normal((spec.lora_rank, H)) / np.sqrt(H)
+                             ).astype(np.float32)
+        out[pre + LORA_B] = np.zeros((C, spec.lora_rank), np.float32)
+    return out
+
+
+def merge_decoder_lora(cfg, params: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """Checkpoint-named weights with each layer's LoRA folded into q/k/v_proj (float64 sum)."""
+    from compiler.llama import LORA_A, LORA_B
+
+    d = cfg.head_dim
+    nq, nkv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    out = {k: v for k, v in params.items() if ".lora_" not in k}
+    for k in params:
+        if k.endswith(LORA_A):
+            pre = k[: -len(LORA_A)]
+            delta = scale * (np.asarray(params[pre + LORA_B], np.float64)
+                             @ np.asarray(params[k], np.float64))
+            for x, rows in (("q", slice(0, nq)), ("k", slice(nq, nq + nkv)),
+                            ("v", slice(nq + nkv, None))):
+                w = out[pre + f"self_attn.{x}_proj.weight"]
+                out[pre + f"self_attn.{x}_proj.weight"] = (w.astype(np.float64) + delta[rows]
+                                                           ).astype(w.dtype)
+    return out

@@ -322,6 +322,41 @@ def cmd_resume(a: argparse.Namespace) -> int:
     return run_command(None, a.dir, resume_only=True)
 
 
+def cmd_lm(a: argparse.Namespace) -> int:
+    from control.decoder import finetune_lm
+
+    r = finetune_lm(steps=a.steps, stages=a.stages, split=a.split, lora=a.lora, layers=a.layers,
+                    batch=a.batch, seq=a.seq, lr=a.lr, prompt=a.prompt,
+                    max_new_tokens=a.max_new_tokens, temperature=a.temperature, model=a.model,
+                    out=a.out, seed=a.seed)
+    print(f"causal-LM fine-tuning, {r.steps} steps, compile {r.compile_s:.1f}s")
+    print(f"  held-out perplexity {r.ppl_before:.2f} -> {r.ppl_after:.2f}")
+    if r.losses:
+        print(f"  train loss first/last {r.losses[0]:.4f} / {r.losses[-1]:.4f}; median step "
+              f"{sorted(r.step_ms)[len(r.step_ms) // 2]:.0f} ms")
+    print(f"  greedy:  {r.generation!r}\n  sampled: {r.sample!r}")
+    return 0
+
+
+def _lm_parser(sub) -> None:
+    m = sub.add_parser("lm", help="causal-LM fine-tuning of SmolLM2 (docs/decoder.md)")
+    m.add_argument("--model", default=None, help="GGUF file or HF LLaMA folder (default SmolLM2)")
+    m.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
+    m.add_argument("--stages", type=int, default=1)
+    m.add_argument("--split", default=None, help="layer ranges, e.g. 0:10,10:20,20:30")
+    m.add_argument("--lora", type=int, default=0, help="LoRA rank on the fused QKV (0 = full)")
+    m.add_argument("--steps", type=int, default=20)
+    m.add_argument("--batch", type=int, default=2)
+    m.add_argument("--seq", type=int, default=32)
+    m.add_argument("--lr", type=float, default=1e-4)
+    m.add_argument("--prompt", default=None)
+    m.add_argument("--max-new-tokens", type=int, default=8)
+    m.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuation")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", type=Path, default=Path("build/lm"), help="bundle directory")
+    m.set_defaults(func=cmd_lm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -442,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr = sub.add_parser("resume", help="continue a run directory from its newest checkpoint")
     rr.add_argument("dir", type=Path, help="the run directory (edgert run --out DIR)")
     rr.set_defaults(func=cmd_resume)
+    _lm_parser(sub)
     return p
 
 
