@@ -131,13 +131,21 @@ def far_table(a: dict) -> str:
             f"| peak RSS (MiB) | {a['peak_rss_mib']['full']['peak_rss_mib']:.0f} | "
             f"{a['peak_rss_mib']['far_l1']['peak_rss_mib']:.0f} | "
             f"{a['peak_rss_mib']['far_random']['peak_rss_mib']:.0f} |"]
+    fe = a.get("frozen_emb")
+    extra = ""
+    if fe:
+        extra = (f" FAR with the word embedding frozen as well ({100 * fe['frozen_param_share']:.0f}% "
+                 f"of the parameters frozen, the paper's operating point is 60%): step time "
+                 f"{fe['step_time_ratio_vs_full']:.2f}x of full, accuracy "
+                 f"{-fe['accuracy_drop_points']:+.1f} points vs full.")
     goal = a.get("goal", {})
     return (f"FAR (`bench/bench_far.py`, `bench/results/far.json`; retention {st['retention']}, "
             f"{st['steps']} steps incl. {st['priming_steps']} priming, batch {st['batch']} x "
             f"{st['seq']}):\n\n" + "\n".join(rows) + "\n\nGoal step time <= 0.7x: "
             f"{'met' if goal.get('step_time_ratio_le_0.7') else '**not met**'}; accuracy drop <= 1 "
             f"point: {'met' if goal.get('accuracy_drop_le_1_point') else 'not met'} "
-            f"({a['accuracy_drop_points']:+.1f} points). Why: docs/far.md.")
+            f"({a['accuracy_drop_points']:+.1f} points vs full; negative = FAR better)."
+            + extra + " Why: docs/far.md.")
 
 
 def fwdgrad_table(g: dict) -> str:

@@ -32,6 +32,10 @@ from compiler.stage import Emitter, StageGraph, _tt
 from edgert.artifact import STAGE_BACKWARD, STAGE_FORWARD
 
 
+HEAD_SLICE = 4096   # vocabulary rows per head-GEMM call; see [Note: head workspace]
+_NO_PACK = {"pack_b": False}   # never pack the [V, H] head weight (a 113 MB workspace per call)
+
+
 class DecoderStageGraph(StageGraph):
     """Builds the IRModule of one decoder stage (see the module docstring)."""
 
@@ -100,9 +104,27 @@ class DecoderStageGraph(StageGraph):
         B, T, H, V = self.s.batch, self.s.seq, c.hidden_size, c.vocab_size
         hn, _, rf = E(rmsnorm.build_rmsnorm_fwd, [h, P["model.norm.weight"]], M, H, n_out=3,
                       eps=c.rms_norm_eps, residual=False)
-        (logits,) = E(gemm.build_gemm, [hn, P[self._head_name()]], M, V, H, trans_b=True)
+        logits = self._head_gemm(hn, P[self._head_name()])
         lossv, lse = E(lm.build_lm_loss_fwd, [logits, labels], B, T, V, n_out=2)
         return lossv, logits, dict(h=h, rf=rf, hn=hn, logits=logits, lse=lse, labels=labels)
+
+    def _head_gemm(self, hn, w):
+        """logits [M, V] = hn w^T in vocabulary slices of <= HEAD_SLICE rows.
+
+        [Note: head workspace] One trans_b GEMM over the whole vocabulary packs all of w into a
+        113 MB TVM workspace per call; after it, the next kernel that takes a workspace
+        (causal_attention_bwd) segfaults (reproduced with the two kernels alone; 4096 rows, a
+        9.4 MB workspace, is fine; 16384 is not). See docs/decoder.md, "Known crash"."""
+        E, M, H, V = self.E, self.M, self.c.hidden_size, self.c.vocab_size
+        n = next(k for k in range(1, V + 1) if V % k == 0 and V // k <= HEAD_SLICE)
+        if n == 1:
+            return E(gemm.build_gemm, [hn, w], M, V, H, trans_b=True)[0]
+        Vs, parts = V // n, []
+        for i in range(n):
+            wi = self.bb.emit(relax.op.strided_slice(w, axes=[0], begin=[i * Vs],
+                                                     end=[(i + 1) * Vs]))
+            parts.append(E(gemm.build_gemm, [hn, wi], M, Vs, H, trans_b=True)[0])
+        return self.bb.emit(relax.op.concat(parts, axis=1))
 
     def _head_name(self) -> str:
         if self.c.tie_word_embeddings and self.s.has_embeddings:
@@ -188,7 +210,7 @@ class DecoderStageGraph(StageGraph):
         if not self._wants(head):   # frozen head: dhn = dlogits W, one GEMM over the vocabulary
             (dl,) = E(lm.build_lm_loss_bwd, [S["logits"], S["lse"], S["labels"], scale], B, T, V)
             dl2 = self.bb.emit(relax.op.reshape(dl, (M, V)))
-            (dhn,) = E(gemm.build_gemm, [dl2, P[head]], M, H, V)
+            (dhn,) = E(gemm.build_gemm, [dl2, P[head]], M, H, V, config=_NO_PACK)
             return self._final_norm_bwd(dhn, S, P, G)
         # vocabulary-chunked head backward: see [Note: head accumulation] in kernels/lm.py
         Vc = lm.head_chunk(V)
@@ -200,7 +222,8 @@ class DecoderStageGraph(StageGraph):
             (dw3,) = E(gemm.build_gemm, [dl, hn_rep], Vc, H, M, trans_a=True, batch=(nb,))
             G[head + "@head"] = self.bb.emit(relax.op.reshape(dw3, (V, H)))
         w3 = self.bb.emit(relax.op.reshape(P[head], (nb, Vc, H)))
-        (parts,) = E(gemm.build_gemm, [dl, w3], M, H, Vc, batch=(nb,))         # [nb, M, H]
+        (parts,) = E(gemm.build_gemm, [dl, w3], M, H, Vc, batch=(nb,),          # [nb, M, H]
+                     config=_NO_PACK)
         (dhn,) = E(lm.build_chunk_sum, [parts], nb, M, H)
         return self._final_norm_bwd(dhn, S, P, G)
 

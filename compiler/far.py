@@ -140,9 +140,14 @@ def restore(tensors: dict[str, np.ndarray], plan: FarPlan,
     return out
 
 
-def far_spec(spec: StageSpec, plan: FarPlan) -> StageSpec:
-    """The reconfigured version of a stage: FAR-split FFNs with their frozen parts frozen."""
+def far_spec(spec: StageSpec, plan: FarPlan, freeze: tuple[str, ...] = ()) -> StageSpec:
+    """The reconfigured version of a stage: FAR-split FFNs with their frozen parts frozen, plus any
+    of `freeze` (e.g. the word embedding) that this stage owns."""
     frozen = [f"encoder.layer.{li}.{FAR_SPLIT[n][1]}" for li in range(spec.first, spec.last)
               for n in _AXIS]
+    if spec.has_embeddings:
+        frozen += [n for n in freeze if n.startswith("embeddings.")]
+    if spec.has_head:
+        frozen += [n for n in freeze if n.startswith(("pooler.", "classifier."))]
     return replace(spec, ffn_learners=plan.learners,
                    frozen=tuple(sorted(set(spec.frozen) | set(frozen))))

@@ -63,7 +63,7 @@ def compile_far_bundles(model, plan: FarPlan, weights: dict[str, np.ndarray],
                         out_dir: str | Path, *,
                         stages: int | None = None, split: str | None = None, batch: int = 8,
                         seq: int = 64, target: str = "host", threads: int | None = None,
-                        configs: dict | None = None) -> list[Path]:
+                        configs: dict | None = None, freeze: tuple[str, ...] = ()) -> list[Path]:
     """Compile the reconfigured stages, their parameter files holding `weights` (dense layout,
     internal names) in the FAR layout."""
     from compiler.arch import get_arch
@@ -78,7 +78,7 @@ def compile_far_bundles(model, plan: FarPlan, weights: dict[str, np.ndarray],
     out = []
     for spec in stage_specs(parse_split(split, stages, model.dims.layers), batch, seq):
         d = Path(out_dir) / f"stage{spec.index}"
-        build_bundle(d, model.dims, far_spec(spec, plan), arch, far_w, model.model_id, model.sha256,
+        build_bundle(d, model.dims, far_spec(spec, plan, freeze), arch, far_w, model.model_id, model.sha256,
                      configs=configs)
         out.append(d)
     return out
