@@ -10,7 +10,8 @@ Kinds and their fields (all optional fields may be absent):
     state       state: "starting"|"running"|"paused"|"stopping"|"stopped"|"finished"|"failed",
                 step, note, total_steps (the run's target; the dashboard's ETA uses it)
     plan        ranges: [[lo, hi], ...] layers per stage, boards: [name, ...], mode, micro_batches,
-                reason (why this plan: "start" | "board lost" | "re-plan" | "resume")
+                reason (why this plan: "start" | "board lost" | "re-plan" | "resume"),
+                speeds (measured relative speed per board, when re-planned from measurements)
     step        step, loss, step_s, seq_per_s, lr
     eval        step, loss, accuracy, examples
     board       name, stage, rss_mib, peak_rss_mib, budget_mib, compute_s, wait_s, queue,

@@ -12,6 +12,8 @@
     edgert plan --board pi0:1024 --board pi1:1024:0.25 --board orin:4096:2:4 --bandwidth-mbps 100
     edgert run run.toml --out runs/night      # unattended run: checkpoints, recovery, report
     edgert resume runs/night                   # continue it (after Ctrl-C or a crash)
+    edgert fwdgrad --clients 3 --rounds 20     # backprop-free federated fine-tuning (forward gradients)
+    edgert lm --stages 3 --lora 8 --prompt "Hello"   # SmolLM2 causal-LM fine-tune, perplexity, generation
 
 Host commands import the compiler lazily; board commands never do.
 """
