@@ -106,16 +106,24 @@ def test_split_equals_unsplit_every_k_on_pinned_workers(workers, data, full):
 
 def test_workers_run_concurrently(workers, data):
     workers.set_inputs(*data)
-    solo = [workers.backend_ms(i, H, io=False, reps=300, warmup=20).mean * 300 for i in (0, 1)]
-    t0 = time.perf_counter()
-    for i in (0, 1):
-        workers._send(i, {"op": "attn", "h0": 0, "h1": H, "io": False, "reps": 300,
-                          "warmup": 20})
-    for i in (0, 1):
-        workers._recv(i)
-    both = (time.perf_counter() - t0) * 1e3
-    # serialised would take solo[0] + solo[1]; concurrent ~max(solo) (+ warm-up)
-    assert both < 0.8 * sum(solo), (both, solo)
+    # Another process on the machine can only make the two look serialised (never concurrent), so
+    # up to 3 attempts: overlap seen once proves the workers can run at the same time.
+    tries = []
+    for _ in range(3):
+        solo = [workers.backend_ms(i, H, io=False, reps=300, warmup=20).mean * 300 for i in (0, 1)]
+        t0 = time.perf_counter()
+        for i in (0, 1):
+            workers._send(i, {"op": "attn", "h0": 0, "h1": H, "io": False, "reps": 300,
+                              "warmup": 20})
+        for i in (0, 1):
+            workers._recv(i)
+        both = (time.perf_counter() - t0) * 1e3
+        tries.append((both, solo))
+        # serialised would take solo[0] + solo[1]; concurrent ~max(solo) (+ warm-up)
+        if both < 0.8 * sum(solo):
+            break
+    else:
+        raise AssertionError(f"the two workers never overlapped: (both ms, solo ms) {tries}")
 
 
 def test_measured_search_within_5pct_and_persisted(workers, data, lib, tmp_path):
