@@ -32,15 +32,20 @@ MIB = 1 << 20
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 
 
-def own_memory_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup"),
-                      root: Path = V1_ROOT) -> Path:
-    """This process's cgroup v1 memory directory; ConfigError (with the fix) if there is none."""
+def _v1_path(proc_cgroup: Path, controller: str, what: str) -> str | None:
+    """This process's path under the cgroup v1 `controller` hierarchy (None: not in one)."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError as e:
-        raise ConfigError(f"cannot read {proc_cgroup} ({e}): memory caps need Linux cgroups") from e
-    rel = next((ln.split(":", 2)[2] for ln in lines
-                if "memory" in ln.split(":", 2)[1].split(",")), None)
+        raise ConfigError(f"cannot read {proc_cgroup} ({e}): {what} need Linux cgroups") from e
+    return next((ln.split(":", 2)[2] for ln in lines
+                 if controller in ln.split(":", 2)[1].split(",")), None)
+
+
+def own_memory_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                      root: Path = V1_ROOT) -> Path:
+    """This process's cgroup v1 memory directory; ConfigError (with the fix) if there is none."""
+    rel = _v1_path(proc_cgroup, "memory", "memory caps")
     if rel is None:
         raise ConfigError(
             "memory caps need the cgroup v1 memory controller, but this process is in no v1 "
@@ -176,12 +181,7 @@ CPU_PERIOD_US = 10_000     # short CFS periods: a 25% cap then means 2.5 ms of e
 def own_cpu_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup"),
                    root: Path = CPU_V1_ROOT) -> Path:
     """This process's cgroup v1 cpu directory; ConfigError (with the fix) if there is none."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read {proc_cgroup} ({e}): CPU caps need Linux cgroups") from e
-    rel = next((ln.split(":", 2)[2] for ln in lines
-                if "cpu" in ln.split(":", 2)[1].split(",")), None)
+    rel = _v1_path(proc_cgroup, "cpu", "CPU caps")
     if rel is None:
         raise ConfigError(
             f"CPU caps need the cgroup v1 cpu controller, but {proc_cgroup} has no ':cpu:' line "
