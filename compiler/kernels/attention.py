@@ -127,31 +127,7 @@ def build_attention_fwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
                          lambda b, i, h, e: (b * T + i, h * d + e))
     if arch.is_cpu:
         cfg = {**default_config(B, T, H, d, dtype=dtype, arch=arch), **(config or {})}
-        L = arch.lanes(dtype)
-        blk = sch.get_sblock
-        b, h, i, jj = sch.get_loops(blk("probs"))
-        bh = sch.fuse(b, h)
-        sch.parallel(bh)
-        io, ii = sch.split(i, [None, math.gcd(T, cfg["block"])])
-        parts = [t.op.name for t in smp], [t.op.name for t in mxp]
-        for name in ["rinv", "sm", *parts[0], "E", "mx", *parts[1], "S"]:
-            sch.compute_at(blk(name), io)
-        _vec(sch, blk("probs"), L)
-        _vec(sch, blk("E"), L)
-        if dropout > 0.0:
-            sch.reverse_compute_at(blk("pd"), io)
-            _vec(sch, blk("pd"), L)
-        sch.reverse_compute_at(blk("ctx"), io)
-        # per-head packs of K^T and V: contiguous, no 4 KiB-aliasing rows (qkv row stride 3*D)
-        vp = sch.cache_read(blk("ctx"), _read_index(sch, blk("ctx"), "qkv"), "global",
-                            consumer_blocks=[blk("ctx")])
-        for b_ in (blk("kt"), vp):
-            sch.compute_at(b_, bh)
-            _vec(sch, b_, L)
-        for t in mxp + smp:
-            _partial(sch, blk(t.op.name), T // ls)
-        _tile_mm(sch, blk("S"), cfg, L)
-        _tile_mm(sch, blk("ctx"), cfg, L)
+        schedule_fwd(sch, cfg, arch.lanes(dtype), T, ls, mxp, smp, dropout=dropout > 0.0)
     return sch.mod["main"]
 
 
@@ -208,32 +184,72 @@ def build_attention_bwd(B, T, H, d, *, dtype="float32", arch: Arch, dropout=0.0,
         cfg = {**default_config(B, T, H, d, dtype=dtype, arch=arch, direction="bwd"),
                **(config or {})}
         L = arch.lanes(dtype)
-        blk = sch.get_sblock
-        b, t, p, h, e_ = sch.get_loops(blk("dqkv"))
+        b, t, p, h, e_ = sch.get_loops(sch.get_sblock("dqkv"))
         sch.reorder(b, h, p, t, e_)
-        bh = sch.fuse(b, h)
-        sch.parallel(bh)
-        sch.unroll(p)
-        _vec(sch, blk("dqkv"), L)
-        for name in ["dv", "dk", "dq", "ds"] + (["pd"] if dropout > 0.0 else []):
-            sch.compute_at(blk(name), bh)
-        i = sch.get_loops(blk("ds"))[-2]
-        io, ii = sch.split(i, [None, math.gcd(T, cfg["block"])])
-        for name in ["rd", *[t.op.name for t in rdp], "dpd"]:
-            sch.compute_at(blk(name), io)
-        for name in ("vt", "qp", "kp", "dcp"):
-            sch.compute_at(blk(name), bh)
-        for name in ["vt", "qp", "kp", "dcp", "ds"] + (["pd"] if dropout > 0.0 else []):
-            _vec(sch, blk(name), L)
-        for t in rdp:
-            _partial(sch, blk(t.op.name), T // ls)
-        _tile_mm(sch, blk("dpd"), cfg, L)
-        for name in ["dq", "dk", "dv"]:
-            _tile_mm(sch, blk(name), cfg, L)
+        schedule_bwd(sch, "dqkv", cfg, L, T, ls, rdp, dropout=dropout > 0.0)
     return sch.mod["main"]
 
 
 # ------------------------------------------------------------------------------ schedule helpers
+def schedule_fwd(sch, cfg, L, T, ls, mxp, smp, *, dropout: bool) -> None:
+    """CPU schedule of a forward built like `build_attention_fwd` (blocks S, mx, E, sm, rinv,
+    probs, [pd], ctx, kt): parallel over (b, h), row blocks of cfg["block"] queries, per-head
+    packs of K^T and V, register-tiled S and ctx. Shared with compiler/kernels/causal_attention.py.
+    """
+    blk = sch.get_sblock
+    b, h, i, _ = sch.get_loops(blk("probs"))
+    bh = sch.fuse(b, h)
+    sch.parallel(bh)
+    io, _ = sch.split(i, [None, math.gcd(T, cfg["block"])])
+    for name in ["rinv", "sm", *[t.op.name for t in smp], "E", "mx",
+                 *[t.op.name for t in mxp], "S"]:
+        sch.compute_at(blk(name), io)
+    _vec(sch, blk("probs"), L)
+    _vec(sch, blk("E"), L)
+    if dropout:
+        sch.reverse_compute_at(blk("pd"), io)
+        _vec(sch, blk("pd"), L)
+    sch.reverse_compute_at(blk("ctx"), io)
+    # per-head packs of K^T and V: contiguous, no 4 KiB-aliasing rows (qkv row stride 3*D)
+    vp = sch.cache_read(blk("ctx"), _read_index(sch, blk("ctx"), "qkv"), "global",
+                        consumer_blocks=[blk("ctx")])
+    for b_ in (blk("kt"), vp):
+        sch.compute_at(b_, bh)
+        _vec(sch, b_, L)
+    for t in mxp + smp:
+        _partial(sch, blk(t.op.name), T // ls)
+    _tile_mm(sch, blk("S"), cfg, L)
+    _tile_mm(sch, blk("ctx"), cfg, L)
+
+
+def schedule_bwd(sch, out, cfg, L, T, ls, rdp, *, dropout: bool) -> None:
+    """CPU schedule of a backward built like `build_attention_bwd` (packs vt, qp, kp, dcp; dpd,
+    rd, ds, [pd], dq, dk, dv) whose per-head output block `out` has loops (b, h, p, t, e) in that
+    order: parallel over (b, h), row blocks for ds, register-tiled products."""
+    blk = sch.get_sblock
+    b, h, p, _, _ = sch.get_loops(blk(out))
+    bh = sch.fuse(b, h)
+    sch.parallel(bh)
+    sch.unroll(p)
+    _vec(sch, blk(out), L)
+    extra = ["pd"] if dropout else []
+    for name in ["dv", "dk", "dq", "ds", *extra]:
+        sch.compute_at(blk(name), bh)
+    i = sch.get_loops(blk("ds"))[-2]
+    io, _ = sch.split(i, [None, math.gcd(T, cfg["block"])])
+    for name in ["rd", *[t.op.name for t in rdp], "dpd"]:
+        sch.compute_at(blk(name), io)
+    for name in ("vt", "qp", "kp", "dcp"):
+        sch.compute_at(blk(name), bh)
+    for name in ["vt", "qp", "kp", "dcp", "ds", *extra]:
+        _vec(sch, blk(name), L)
+    for t in rdp:
+        _partial(sch, blk(t.op.name), T // ls)
+    _tile_mm(sch, blk("dpd"), cfg, L)
+    for name in ["dq", "dk", "dv"]:
+        _tile_mm(sch, blk(name), cfg, L)
+
+
 def _read_index(sch, block, name):
     return [r.source.name for r in sch.get(block).reads].index(name)
 

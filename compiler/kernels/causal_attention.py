@@ -28,7 +28,7 @@ from tvm import s_tir, te, tirx
 
 from compiler.arch import Arch
 from compiler.kernels.attention import (
-    NEG, _lanes, _partial, _read_index, _row_reduce, _tile_mm, _vec, default_config,
+    NEG, _lanes, _row_reduce, _vec, default_config, schedule_bwd, schedule_fwd,
 )
 from compiler.kernels.common import const
 from compiler.kernels.common import exp as common_exp
@@ -76,27 +76,7 @@ def build_causal_attention_fwd(B, T, nh, nkv, d, *, dtype="float32", arch: Arch,
     if not arch.is_cpu:
         return sch.mod["main"]
     cfg = {**default_config(B, T, nh, d, dtype=dtype, arch=arch), **(config or {})}
-    L = arch.lanes(dtype)
-    blk = sch.get_sblock
-    b, h, i, _ = sch.get_loops(blk("probs"))
-    bh = sch.fuse(b, h)
-    sch.parallel(bh)
-    io, _ = sch.split(i, [None, math.gcd(T, cfg["block"])])
-    for name in ["rinv", "sm", *[t.op.name for t in smp], "E", "mx",
-                 *[t.op.name for t in mxp], "S"]:
-        sch.compute_at(blk(name), io)
-    _vec(sch, blk("probs"), L)
-    _vec(sch, blk("E"), L)
-    sch.reverse_compute_at(blk("ctx"), io)
-    vp = sch.cache_read(blk("ctx"), _read_index(sch, blk("ctx"), "qkv"), "global",
-                        consumer_blocks=[blk("ctx")])
-    for b_ in (blk("kt"), vp):
-        sch.compute_at(b_, bh)
-        _vec(sch, b_, L)
-    for t in mxp + smp:
-        _partial(sch, blk(t.op.name), T // ls)
-    _tile_mm(sch, blk("S"), cfg, L)
-    _tile_mm(sch, blk("ctx"), cfg, L)
+    schedule_fwd(sch, cfg, arch.lanes(dtype), T, ls, mxp, smp, dropout=False)
     return sch.mod["main"]
 
 
@@ -153,27 +133,8 @@ def build_causal_attention_bwd(B, T, nh, nkv, d, *, dtype="float32", arch: Arch,
     cfg = {**default_config(B, T, nh, d, dtype=dtype, arch=arch, direction="bwd"),
            **(config or {})}
     L = arch.lanes(dtype)
+    schedule_bwd(sch, "gh", cfg, L, T, ls, rdp, dropout=False)
     blk = sch.get_sblock
-    b, h, p, t, e_ = sch.get_loops(blk("gh"))
-    bh = sch.fuse(b, h)
-    sch.parallel(bh)
-    sch.unroll(p)
-    _vec(sch, blk("gh"), L)
-    for name in ["dv", "dk", "dq", "ds"]:
-        sch.compute_at(blk(name), bh)
-    i = sch.get_loops(blk("ds"))[-2]
-    io, _ = sch.split(i, [None, math.gcd(T, cfg["block"])])
-    for name in ["rd", *[t.op.name for t in rdp], "dpd"]:
-        sch.compute_at(blk(name), io)
-    for name in ("vt", "qp", "kp", "dcp"):
-        sch.compute_at(blk(name), bh)
-    for name in ["vt", "qp", "kp", "dcp", "ds"]:
-        _vec(sch, blk(name), L)
-    for t in rdp:
-        _partial(sch, blk(t.op.name), T // ls)
-    _tile_mm(sch, blk("dpd"), cfg, L)
-    for name in ["dq", "dk", "dv"]:
-        _tile_mm(sch, blk(name), cfg, L)
     m, h, e_ = sch.get_loops(blk("dqkv"))
     if B * T * nall * d >= PAR_MIN_ELEMS:
         sch.parallel(m)
