@@ -24,10 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from control.run import Run, RunConfig
+from tests.run_util import assert_same_weights, uninterrupted_params
 
 pytestmark = pytest.mark.slow
 CFG = RunConfig(boards=2, split="0:3,3:6", steps=6, batch=2, seq=16, micro_batches=2, lr=1e-4,
@@ -37,31 +37,7 @@ CFG = RunConfig(boards=2, split="0:3,3:6", steps=6, batch=2, seq=16, micro_batch
 @pytest.fixture(scope="module")
 def reference(minilm_dir, build_root):
     """Final weights of the uninterrupted run, in one process."""
-    from control.data import iterate_batches
-    from control.job import compile_bundles, load_model, rotten_tomatoes_batches
-    from control.local import LocalPipeline, OptimConfig
-
-    model = load_model(minilm_dir, num_labels=2, head_seed=CFG.seed)
-    bundles = compile_bundles(model, build_root / "faults_k2", split=CFG.split, batch=CFG.batch,
-                              seq=CFG.seq, progress=False)
-    enc, y, _ = rotten_tomatoes_batches(minilm_dir / "tokenizer.json", CFG.seq, CFG.batch, 8,
-                                        CFG.seed)
-    order = iterate_batches(enc, y, CFG.batch, CFG.seed, 0)
-    pipe = LocalPipeline(bundles, run_seed=CFG.seed)
-    opt = OptimConfig(lr=CFG.lr, warmup_steps=CFG.warmup_steps, total_steps=CFG.steps)
-    for _ in range(CFG.steps):
-        pipe.train_step([next(order)[1].as_dict() for _ in range(CFG.micro_batches)], opt)
-    return pipe.params()
-
-
-def assert_same_weights(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    worst = 0.0
-    for name, w in want.items():
-        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
-                                   err_msg=name)
-        worst = max(worst, float(np.abs(got[name] - w).max() / (np.abs(w).max() or 1)))
-    print(f"final weights: worst |difference| / max|w| = {worst:.1e}")
+    return uninterrupted_params(CFG, minilm_dir, build_root / "faults_k2")
 
 
 def events(run_dir: Path) -> list[dict]:

@@ -18,38 +18,20 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from control.run import Run, RunConfig
+from tests.run_util import assert_same_weights, uninterrupted_params
 
 CFG = RunConfig(boards=2, split="0:3,3:6", steps=8, batch=2, seq=16, micro_batches=2, lr=1e-4,
                 checkpoint_every=8, eval_examples=8, timeout_s=60, threads=1,
                 replan_drift=1.5, replan_patience=2, export_hf=False)
 
 
-def reference(minilm_dir, build_root) -> dict[str, np.ndarray]:
-    from control.data import iterate_batches
-    from control.job import compile_bundles, load_model, rotten_tomatoes_batches
-    from control.local import LocalPipeline, OptimConfig
-
-    model = load_model(minilm_dir, num_labels=2, head_seed=CFG.seed)
-    bundles = compile_bundles(model, build_root / "replan_ref", split=CFG.split,
-                              batch=CFG.batch, seq=CFG.seq, progress=False)
-    enc, y, _ = rotten_tomatoes_batches(minilm_dir / "tokenizer.json", CFG.seq, CFG.batch, 8,
-                                        CFG.seed)
-    order = iterate_batches(enc, y, CFG.batch, CFG.seed, 0)
-    pipe = LocalPipeline(bundles, run_seed=CFG.seed)
-    opt = OptimConfig(lr=CFG.lr, warmup_steps=CFG.warmup_steps, total_steps=CFG.steps)
-    for _ in range(CFG.steps):
-        pipe.train_step([next(order)[1].as_dict() for _ in range(CFG.micro_batches)], opt)
-    return pipe.params()
-
-
 @pytest.mark.slow
 def test_throttled_board_gets_fewer_layers_live_and_weights_are_exact(tmp_path, minilm_dir,
                                                                       build_root):
-    want = reference(minilm_dir, build_root)
+    want = uninterrupted_params(CFG, minilm_dir, build_root / "replan_ref")
     run = Run(CFG, tmp_path / "run")
     cores = sorted(os.sched_getaffinity(0))
     throttled: list[int] = []
@@ -78,14 +60,7 @@ def test_throttled_board_gets_fewer_layers_live_and_weights_are_exact(tmp_path, 
     assert not run.recoveries
     print(f"re-planned at step {rec['step']}: {rec['from']} -> {rec['to']} in "
           f"{rec['seconds']:.1f} s; speeds {rec['speeds']}")
-    got = run.final_params()
-    assert got.keys() == want.keys()
-    worst = 0.0
-    for name, w in want.items():
-        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
-                                   err_msg=name)
-        worst = max(worst, float(np.abs(got[name] - w).max() / (np.abs(w).max() or 1)))
-    print(f"final weights: worst |difference| / max|w| = {worst:.1e}")
+    assert_same_weights(run.final_params(), want)
 
 
 @pytest.mark.skipif(not (Path("/sys/fs/cgroup/cpu") / "cpu.cfs_quota_us").exists(),
