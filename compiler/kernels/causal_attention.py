@@ -11,6 +11,14 @@ Masking: key j is visible to query i iff ``j <= i`` and ``mask[b, j] == 1``; hid
 ``NEG`` added (exp underflows to exactly 0). With right padding every query row keeps key 0, so no
 row is fully masked (a sequence must not be empty).
 
+[Note: no indices under Select] TVM's simplifier rewrites each branch of ``Select(cond, a, b)``
+assuming its condition holds (``min(max(h - nh, 0), nkv - 1)`` becomes ``h - nh`` in the branch
+``h >= nh``), but the LLVM code evaluates both branches for every element: the clamps vanished and
+the backward read up to 5120 vectors *before* its ``gh`` workspace. Harmless inside the heap,
+a segfault when the workspace pool had handed out the start of a large mmap'd block (the "Known
+crash" of docs/decoder.md: it needed a big earlier workspace, and disappeared with
+``MALLOC_MMAP_MAX_=0``). The dK/dV/dQ write therefore weights clamped reads by 0/1 factors.
+
 Backward: per query head as compiler/kernels/attention.py (dS = P * (dP - rowsum(dP * P)) / sqrt(d),
 dQ = dS K, dK_h = dS^T Q, dV_h = P^T dctx); then dK and dV of a key/value head are the sums of
 dK_h, dV_h over its G query heads (a second, row-parallel block writing dqkv).
@@ -117,13 +125,15 @@ def build_causal_attention_bwd(B, T, nh, nkv, d, *, dtype="float32", arch: Arch,
 
     def out(m, h, e):
         b, t = m // T, m % T
-        # clamped head indices keep every (eagerly evaluated) Select branch in bounds
+        # See [Note: no indices under Select]: 0/1 weights, clamped indices, no condition.
         hq = te.min(h, nh - 1)
         hk = te.min(te.max(h - nh, 0), nkv - 1)
         hv = te.min(te.max(h - nh - nkv, 0), nkv - 1)
         sk = sum(gh[b, hk * G + g, 1, t, e] for g in range(G))
         sv = sum(gh[b, hv * G + g, 2, t, e] for g in range(G))
-        return tirx.Select(h < nh, gh[b, hq, 0, t, e], tirx.Select(h < nh + nkv, sk, sv))
+        is_q, is_v = tirx.Cast(dtype, h < nh), tirx.Cast(dtype, h >= nh + nkv)
+        is_k = c(1.0) - is_q - is_v
+        return is_q * gh[b, hq, 0, t, e] + is_k * sk + is_v * sv
 
     dqkv = te.compute((B * T, nall, d), out, name="dqkv")
     sch = s_tir.Schedule(te.create_prim_func([qkv, P, dctx, dqkv]))
