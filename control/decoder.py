@@ -213,48 +213,114 @@ class LmReport:
     generation: str = ""
     sample: str = ""
     compile_s: float = 0.0
+    split: list[tuple[int, int]] = field(default_factory=list)
+    boards: list[dict] = field(default_factory=list)   # per board: name, stage, pid, peak_rss_mib
+
+
+def held_out_batches(tokenizer_file: str | Path, seq: int, batch: int,
+                     eval_blocks: int) -> list[dict[str, np.ndarray]]:
+    """Held-out blocks from the last quarter of the corpus (training reads from line 0).
+
+    Examples
+    --------
+    >>> held = held_out_batches(load_decoder().tokenizer_file, 32, 2, 16)   # doctest: +SKIP
+    >>> len(held), held[0]["input_ids"].shape                                # doctest: +SKIP
+    (8, (2, 32))
+    """
+    n_lines = len(movie_dialog_path().read_text(encoding="utf-8").splitlines())
+    return lm_batches(corpus_blocks(tokenizer_file, seq, eval_blocks, offset=n_lines * 3 // 4),
+                      batch)
+
+
+def _train(trainer, train: list[dict[str, np.ndarray]], micro_batches: int, opt,
+           rep: LmReport) -> None:
+    """Optimizer steps of `micro_batches` batches each on a LocalPipeline or a LocalCluster (the
+    same `train_step` interface: the boards reproduce the in-process numerics)."""
+    for i in range(0, len(train) - micro_batches + 1, micro_batches):
+        t = time.perf_counter()
+        rep.losses.append(trainer.train_step(train[i:i + micro_batches], opt))
+        rep.step_ms.append(1e3 * (time.perf_counter() - t))
+
+
+def _train_on_boards(dirs: list[Path], train, micro_batches: int, opt, rep: LmReport,
+                     threads: int | None, seed: int) -> dict[str, np.ndarray]:
+    """Stage i on local board process i (edgert serve, CURVE ZeroMQ, 1F1B); returns the weights
+    gathered from the boards after training and records each board's peak RSS."""
+    from control.cluster import LocalCluster
+
+    k = len(dirs)
+    per_board = threads or max(1, len(os.sched_getaffinity(0)) // k)
+    with LocalCluster(k, threads=per_board, run_seed=seed) as cluster:
+        cluster.deploy(dirs, micro_batches=micro_batches)
+        _train(cluster, train, micro_batches, opt, rep)
+        for i, b in enumerate(cluster.stages):
+            st = cluster.stats(i)
+            rep.boards.append({"name": b.name, "stage": i, "pid": b.proc.pid,
+                               "threads": per_board, "peak_rss_mib": st["peak_rss"] / 2 ** 20})
+        return cluster.params()
 
 
 def finetune_lm(*, steps: int = 20, stages: int = 1, split: str | None = None, lora: int = 0,
                 layers: int | None = None, batch: int = 2, seq: int = 32, lr: float = 1e-4,
+                micro_batches: int = 1, boards: int = 0, threads: int | None = None,
                 eval_blocks: int = 16, prompt: str | None = None, max_new_tokens: int = 8,
                 temperature: float = 0.8, model: str | None = None,
                 out: str | Path = "build/lm", seed: int = 0) -> LmReport:
-    """Fine-tuning of a decoder (full, one stage; LoRA: see docs/decoder.md) on movie dialog, in
-    process: held-out perplexity before/after and a greedy + a sampled continuation of `prompt`
-    from the fine-tuned weights.
+    """Fine-tune a decoder (full on one stage, or LoRA on any split) on movie dialog: held-out
+    perplexity before/after and a greedy + a sampled continuation of `prompt` from the
+    fine-tuned weights.
+
+    Parameters
+    ----------
+    steps, micro_batches, batch, seq
+        Optimizer steps of `micro_batches` x `batch` blocks of `seq` tokens.
+    stages, split
+        K compiled stages (even split) or explicit layer ranges ("0:10,10:20,20:30").
+    boards
+        0: every stage in this process (LocalPipeline). N > 0: stage i runs on local board
+        process i (LocalCluster, 1F1B), N must equal the number of stages (`stages` defaults to
+        N); perplexity and generation run here on the weights gathered from the boards.
+    threads
+        TVM threads per board (default: this machine's cores / N, at least 1).
 
     Examples
     --------
-    >>> r = finetune_lm(steps=10, stages=1, layers=2)       # doctest: +SKIP
-    >>> r.ppl_after < r.ppl_before                          # doctest: +SKIP
-    True
+    >>> r = finetune_lm(steps=10, stages=1, layers=2)                       # doctest: +SKIP
+    >>> r = finetune_lm(steps=10, boards=3, lora=8, micro_batches=3)        # doctest: +SKIP
+    >>> r.ppl_after < r.ppl_before, [b["peak_rss_mib"] for b in r.boards]   # doctest: +SKIP
     """
+    from compiler.model_spec import parse_split
     from control.local import LocalPipeline, OptimConfig
     from tokenizers import Tokenizer
 
-    if lora and steps and os.environ.get("TVM_NUM_THREADS") != "1":
-        # See docs/decoder.md, "Known crash": the backward of a stage whose (tied) head weight is
-        # frozen can segfault, usually with 2+ TVM threads, occasionally with one.
-        raise ConfigError("LoRA training of decoders crashes with several TVM threads (known bug, "
-                          "docs/decoder.md); run it single-threaded (TVM_NUM_THREADS=1 edgert lm "
-                          "...; it may still crash occasionally), or use --lora 0 --stages 1")
+    if boards < 0 or micro_batches < 1:
+        raise ConfigError(f"--boards {boards} / --micro-batches {micro_batches}: use boards >= 0 "
+                          "and micro-batches >= 1")
     dec = load_decoder(model, layers)
+    if boards and split is None and stages == 1:
+        stages = boards                       # one stage per board unless told otherwise
+    ranges = parse_split(split, stages, dec.config.num_hidden_layers)
+    if boards and len(ranges) != boards:
+        raise ConfigError(f"--boards {boards} needs {boards} stages, got {len(ranges)} "
+                          f"({ranges}); pass --stages {boards} or a split with {boards} ranges")
     t0 = time.perf_counter()
-    dirs = compile_decoder_bundles(dec, out, stages=stages, split=split, batch=batch, seq=seq,
-                                   lora=lora, seed=seed)
-    comp = time.perf_counter() - t0
-    pipe = LocalPipeline(dirs)
-    train = lm_batches(corpus_blocks(dec.tokenizer_file, seq, steps * batch), batch)
-    n_lines = len(movie_dialog_path().read_text(encoding="utf-8").splitlines())
-    held = lm_batches(corpus_blocks(dec.tokenizer_file, seq, eval_blocks, offset=n_lines * 3 // 4),
-                      batch)   # the last quarter of the corpus is held out
-    rep = LmReport(steps, perplexity(pipe, held), float("nan"), compile_s=comp)
+    dirs = compile_decoder_bundles(dec, out, split=",".join(f"{a}:{b}" for a, b in ranges),
+                                   batch=batch, seq=seq, lora=lora, seed=seed)
+    rep = LmReport(steps, float("nan"), float("nan"), compile_s=time.perf_counter() - t0,
+                   split=ranges)
+    train = lm_batches(corpus_blocks(dec.tokenizer_file, seq, steps * micro_batches * batch),
+                       batch)
+    held = held_out_batches(dec.tokenizer_file, seq, batch, eval_blocks)
     opt = OptimConfig(lr=lr, weight_decay=0.0)
-    for b in train:
-        t = time.perf_counter()
-        rep.losses.append(pipe.train_step([b], opt))
-        rep.step_ms.append(1e3 * (time.perf_counter() - t))
+    pipe = LocalPipeline(dirs, run_seed=seed)
+    rep.ppl_before = perplexity(pipe, held)
+    if boards:
+        del pipe          # the boards hold the model while they train, not this process too
+        params = _train_on_boards(dirs, train, micro_batches, opt, rep, threads, seed)
+        pipe = LocalPipeline(dirs, run_seed=seed)
+        pipe.load_state(params, None, steps)
+    else:
+        _train(pipe, train, micro_batches, opt, rep)
     rep.ppl_after = perplexity(pipe, held)
     tok = Tokenizer.from_file(str(dec.tokenizer_file))
     p_ids = tok.encode(prompt or "I don't know what you").ids
