@@ -25,6 +25,7 @@ from edgert.artifact import (
     Manifest, TensorMeta, sha256_file,
 )
 from edgert.errors import ArtifactError, ModelError
+from edgert.fwdgrad import STAGE_LOSS
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +87,25 @@ def _relax_pipeline(arch: Arch):
 
 
 def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = "float32",
-                  configs: dict | None = None, use_cache: bool = True) -> tuple[Path, dict]:
-    """Compile one stage's library; returns (path to the .so in the cache, build info)."""
+                  configs: dict | None = None, use_cache: bool = True,
+                  head_split: bool = False) -> tuple[Path, dict]:
+    """Compile one stage's library; returns (path to the .so in the cache, build info).
+    head_split: attention through the board's split executor (compiler/head_split.py)."""
     import tvm
 
-    key_src = json.dumps({"dims": asdict(dims), "spec": asdict(spec), "target": _target_record(arch),
-                          "dtype": dtype, "configs": configs or {}, "compiler": compiler_hash(),
-                          "tvm": tvm.__version__}, sort_keys=True)
+    key = {"dims": asdict(dims), "spec": asdict(spec), "target": _target_record(arch),
+           "dtype": dtype, "configs": configs or {}, "compiler": compiler_hash(),
+           "tvm": tvm.__version__}
+    if head_split:   # absent otherwise: unsplit stages keep their cache keys
+        key["head_split"] = True
+    key_src = json.dumps(key, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     out = cache_dir() / "libs" / key
     lib, info_path = out / LIB_FILE, out / "build.json"
     if use_cache and lib.is_file() and info_path.is_file():
         return lib, json.loads(info_path.read_text())
     t0 = time.perf_counter()
-    g = _graph(dims, spec, arch, dtype, configs)
+    g = _graph(dims, spec, arch, dtype, configs, head_split)
     mod = g.build(optimizer=True)
     t1 = time.perf_counter()
     ex = tvm.compile(mod, target=arch.tvm_target(), relax_pipeline=_relax_pipeline(arch))
@@ -129,8 +135,15 @@ def _is_decoder(dims) -> bool:
     return isinstance(dims, LlamaConfig)
 
 
-def _graph(dims, spec, arch: Arch, dtype: str, configs: dict | None):
+def _graph(dims, spec, arch: Arch, dtype: str, configs: dict | None, head_split: bool = False):
     """The stage graph for `dims`: a BERT `ModelDims` or a LLaMA-style `LlamaConfig`."""
+    if head_split and (_is_decoder(dims) or not arch.is_cpu):
+        raise ModelError("head split is implemented for BERT stages on CPU targets only; "
+                         "compile without head_split")
+    if head_split:
+        from compiler.stage import StageGraph
+
+        return StageGraph(dims, spec, arch, dtype, configs, head_split=True)
     if _is_decoder(dims):
         from compiler.decoder_stage import DecoderStageGraph
 
@@ -165,8 +178,10 @@ def _stage_io(dims, spec, dtype: str) -> tuple[list, list, list[TensorMeta], lis
 
 def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec: StageSpec, arch: Arch,
                  params: dict[str, np.ndarray], model_id: str, checkpoint_sha256: str,
-                 dtype: str = "float32") -> Manifest:
-    """Assemble a bundle directory (see edgert/artifact.py) from a compiled library and parameters."""
+                 dtype: str = "float32", split_lib: Path | None = None) -> Manifest:
+    """Assemble a bundle directory (see edgert/artifact.py) from a compiled library and parameters
+    (and the head-split kernel library of a stage compiled with head_split)."""
+    from edgert.head_split_exec import SPLIT_LIB
     import tvm
     from safetensors.numpy import save_file
 
@@ -180,7 +195,15 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
         if tuple(params[n].shape) != tuple(shape):
             raise ModelError(f"parameter {n} has shape {params[n].shape}, the stage expects {shape}")
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)   # a half-written bundle never looks valid
-    shutil.copyfile(lib, out_dir / LIB_FILE)
+    # a new file, never an overwrite: a process that has the old library loaded (dlopen maps the
+    # file) would crash in its next symbol lookup if the mapped inode were rewritten
+    shutil.copyfile(lib, out_dir / (LIB_FILE + ".tmp"))
+    os.replace(out_dir / (LIB_FILE + ".tmp"), out_dir / LIB_FILE)
+    (out_dir / SPLIT_LIB).unlink(missing_ok=True)
+    extra = {}
+    if split_lib is not None:
+        shutil.copyfile(split_lib, out_dir / SPLIT_LIB)
+        extra[SPLIT_LIB] = sha256_file(out_dir / SPLIT_LIB)
     save_file({n: np.ascontiguousarray(params[n], dtype=dtype) for n, _ in names},
               str(out_dir / PARAMS_FILE))
     m = Manifest(
@@ -189,8 +212,10 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
         dtype=dtype, data_inputs=tuple(data), outputs=tuple(outs),
         saved=tuple(TensorMeta(n, tuple(s), d) for n, s, d in info["saved"]),
         params=tuple(TensorMeta(n, tuple(s), dtype) for n, s in names),
-        entries=(STAGE_FORWARD, STAGE_BACKWARD, OPTIMIZER_STEP, ACCUMULATE),
-        files={LIB_FILE: sha256_file(out_dir / LIB_FILE), PARAMS_FILE: sha256_file(out_dir / PARAMS_FILE)},
+        entries=(STAGE_FORWARD, STAGE_BACKWARD, OPTIMIZER_STEP, ACCUMULATE,
+                 *([STAGE_LOSS] if spec.has_embeddings and spec.has_head else [])),
+        files={LIB_FILE: sha256_file(out_dir / LIB_FILE), PARAMS_FILE: sha256_file(out_dir / PARAMS_FILE),
+               **extra},
         kernels=int(info["kernels"]), compile_seconds=float(sum(info["seconds"].values())),
     )
     (out_dir / MANIFEST_FILE).write_text(m.to_json(), encoding="utf-8")
@@ -199,11 +224,22 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
 
 def build_bundle(out_dir: Path, dims: ModelDims, spec: StageSpec, arch: Arch,
                  params: dict[str, np.ndarray], model_id: str, checkpoint_sha256: str, *,
-                 dtype: str = "float32", configs: dict | None = None) -> Manifest:
-    """Compile (or reuse) a stage's library and write its bundle."""
+                 dtype: str = "float32", configs: dict | None = None,
+                 head_split: bool = False) -> Manifest:
+    """Compile (or reuse) a stage's library and write its bundle. head_split: the stage's
+    attention runs on the board's two backends (docs/head_split.md); the bundle then also holds
+    the head-subset kernel library."""
     try:
-        lib, info = compile_stage(dims, spec, arch, dtype=dtype, configs=configs)
+        lib, info = compile_stage(dims, spec, arch, dtype=dtype, configs=configs,
+                                  head_split=head_split)
     except ArtifactError:
         raise
+    split_lib = None
+    if head_split:
+        from compiler.head_split import compile_split_library, stage_attn_shape
+
+        p = dims.attn_dropout if spec.dropout else 0.0
+        split_lib, _ = compile_split_library(stage_attn_shape(dims, spec, dtype), p, arch)
     return write_bundle(out_dir, lib=lib, info=info, dims=dims, spec=spec, arch=arch, params=params,
-                        model_id=model_id, checkpoint_sha256=checkpoint_sha256, dtype=dtype)
+                        model_id=model_id, checkpoint_sha256=checkpoint_sha256, dtype=dtype,
+                        split_lib=split_lib)

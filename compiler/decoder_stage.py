@@ -112,9 +112,9 @@ class DecoderStageGraph(StageGraph):
         """logits [M, V] = hn w^T in vocabulary slices of <= HEAD_SLICE rows.
 
         [Note: head workspace] One trans_b GEMM over the whole vocabulary packs all of w into a
-        113 MB TVM workspace per call; after it, the next kernel that takes a workspace
-        (causal_attention_bwd) segfaults (reproduced with the two kernels alone; 4096 rows, a
-        9.4 MB workspace, is fine; 16384 is not). See docs/decoder.md, "Known crash"."""
+        113 MB TVM workspace per call. That large block, reused by TVM's workspace pool, is what
+        exposed the out-of-bounds read of causal_attention_bwd (fixed there: [Note: no indices
+        under Select]); the slices stay because they keep every workspace under 10 MB on a board."""
         E, M, H, V = self.E, self.M, self.c.hidden_size, self.c.vocab_size
         n = next(k for k in range(1, V + 1) if V % k == 0 and V // k <= HEAD_SLICE)
         if n == 1:
@@ -131,13 +131,16 @@ class DecoderStageGraph(StageGraph):
             return "model.embed_tokens.weight"
         return "lm_head.weight"
 
-    def build_forward(self):
+    def build_forward(self, name: str = STAGE_FORWARD):
+        """stage_forward; or (name = edgert.fwdgrad.STAGE_LOSS, which StageGraph.build adds for a
+        whole-model stage) the forward-only (loss, logits) without saved activations."""
         bb, s, c = self.bb, self.s, self.c
+        only = name != STAGE_FORWARD
         data = self.data_vars()
         seed = relax.Var("seed", _tt((2,), "int64"))
         pv = self.param_vars()
         P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
-        with bb.function(STAGE_FORWARD, [*data, seed, *pv]):
+        with bb.function(name, [*data, *pv] if only else [*data, seed, *pv]):
             with bb.dataflow():
                 x, mask = data[0], data[1]
                 maskf = bb.emit(relax.op.astype(mask, self.dtype))
@@ -160,10 +163,14 @@ class DecoderStageGraph(StageGraph):
                     outs = [lossv, logits]
                 else:
                     outs = [h]
-                self.saved_names = [n for n, _ in saved]
+                if only:            # the saved tensors become dead: the planner reuses them
+                    saved = []
+                else:
+                    self.saved_names = [n for n, _ in saved]
                 o = bb.emit_output(relax.Tuple(outs + [v for _, v in saved]))
             bb.emit_func_output(o)
-        self._saved_types = [v.ty for _, v in saved]
+        if not only:
+            self._saved_types = [v.ty for _, v in saved]
 
     # ---- backward -------------------------------------------------------------------------
     def _layer_bwd(self, dout, S, P, G, pre=""):

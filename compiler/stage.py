@@ -34,11 +34,13 @@ import tvm
 from tvm import relax
 
 from compiler.arch import Arch
-from compiler import far_ffn
+from compiler import far_ffn, head_split
 from compiler import peft
+from compiler import adapters
 from compiler.kernels import attention, elementwise, embed, gemm, inplace, loss, norm, optim
 from compiler.model_spec import ModelDims, StageSpec, stage_params, trainable_params
 from edgert.artifact import ACCUMULATE, OPTIMIZER_STEP, STAGE_BACKWARD, STAGE_FORWARD
+from edgert.fwdgrad import STAGE_LOSS
 
 
 def _tt(shape, dtype="float32"):
@@ -101,11 +103,15 @@ class StageGraph:
     """Builds the IRModule of one stage (see the module docstring for the entry points)."""
 
     def __init__(self, dims: ModelDims, spec: StageSpec, arch: Arch, dtype: str = "float32",
-                 configs: dict[str, dict] | None = None):
+                 configs: dict[str, dict] | None = None, head_split: bool = False):
         self.d, self.s, self.arch, self.dtype = dims, spec, arch, dtype
+        self.head_split = head_split   # attention on the board's backends (compiler/head_split.py)
         self.M = spec.batch * spec.seq
         self.p_h = dims.hidden_dropout if spec.dropout else 0.0
         self.p_a = dims.attn_dropout if spec.dropout else 0.0
+        # Adapters sit between a dense's dropout and its LayerNorm: they apply the dropout
+        # themselves and the LayerNorm kernel then takes none (compiler/adapters.py).
+        self.p_ln = 0.0 if spec.adapter_size else self.p_h
         self.params = stage_params(spec, dims)
         self.trainable = trainable_params(spec, dims)   # See [Note: frozen params]
         self.bb = relax.BlockBuilder()
@@ -139,14 +145,20 @@ class StageGraph:
         lora_saved = {}
         if self.s.lora_rank:      # LoRA on the fused QKV (compiler/peft.py)
             qkv, lora_saved = peft.lora_forward(self, x, qkv, P)
-        ctx, probs = E(attention.build_attention_fwd, [qkv, maskf, seed], B, T, d.heads, d.head_dim,
-                       n_out=2, dropout=self.p_a, salt=_salt(li, 0))
+        if self.head_split:
+            ctx, probs = head_split.emit_fwd(self, qkv, maskf, seed, li, _salt(li, 0))
+        else:
+            ctx, probs = E(attention.build_attention_fwd, [qkv, maskf, seed], B, T, d.heads,
+                           d.head_dim, n_out=2, dropout=self.p_a, salt=_salt(li, 0))
         (proj,) = E(gemm.build_gemm, [ctx, P["attention.output.dense.weight"],
                                       P["attention.output.dense.bias"]], M, D, D, trans_b=True, bias=True)
+        ad_saved = {}
+        if self.s.adapter_size:   # bottleneck adapter after attention output (compiler/adapters.py)
+            proj, ad_saved = adapters.forward(self, proj, seed, P, "attention.output", _salt(li, 1))
         h1, xhat1, rstd1 = E(norm.build_layernorm_fwd,
                              [proj, x, P["attention.output.LayerNorm.weight"],
                               P["attention.output.LayerNorm.bias"], seed],
-                             M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_h, salt=_salt(li, 1))
+                             M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_ln, salt=_salt(li, 1))
         if self.s.ffn_learners:   # FAR: learner + frozen sublayers (compiler/far_ffn.py)
             z, ffn_saved = far_ffn.forward(self, h1, P)
         else:
@@ -156,12 +168,15 @@ class StageGraph:
             (z,) = E(gemm.build_gemm, [g, P["output.dense.weight"], P["output.dense.bias"]],
                      M, D, F, trans_b=True, bias=True)
             ffn_saved = dict(u=u, g=g)
+        if self.s.adapter_size:   # bottleneck adapter after the FFN output
+            z, ad2 = adapters.forward(self, z, seed, P, "output", _salt(li, 2))
+            ad_saved.update(ad2)
         h2, xhat2, rstd2 = E(norm.build_layernorm_fwd,
                              [z, h1, P["output.LayerNorm.weight"], P["output.LayerNorm.bias"], seed],
-                             M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_h, salt=_salt(li, 2))
+                             M, D, n_out=3, eps=d.eps, residual=True, dropout=self.p_ln, salt=_salt(li, 2))
         del dt
         saved = dict(x=x, qkv=qkv, probs=probs, ctx=ctx, xhat1=xhat1, rstd1=rstd1, h1=h1, **ffn_saved,
-                     xhat2=xhat2, rstd2=rstd2, **lora_saved)
+                     xhat2=xhat2, rstd2=rstd2, **lora_saved, **ad_saved)
         return h2, saved
 
     def _embed_fwd(self, ids, tt, seed, P):
@@ -193,14 +208,20 @@ class StageGraph:
         lossv, probs = E(loss.build_xent_fwd, [logits, labels], B, C, n_out=2)
         return lossv, logits, dict(cls=cls, pooled=pooled, pooled_d=pooled_d, probs=probs, labels=labels)
 
-    def build_forward(self):
+    def build_forward(self, name: str = STAGE_FORWARD):
+        """stage_forward; or, as STAGE_LOSS, the forward-only stage_loss(*data, *params) ->
+        (loss, logits): dropout off (a constant seed with flag 0, the same kernels) and no saved
+        activations, so the VM's memory planner reuses their buffers (docs/fwdgrad.md)."""
         bb, s = self.bb, self.s
+        only = name == STAGE_LOSS
         data = self.data_vars()
         seed = relax.Var("seed", _tt((2,), "int64"))
         pv = self.param_vars()
         P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
-        with bb.function(STAGE_FORWARD, [*data, seed, *pv]):
+        with bb.function(name, [*data, *pv] if only else [*data, seed, *pv]):
             with bb.dataflow():
+                if only:   # flag 0: every dropout kernel is the identity
+                    seed = relax.const([1, 0], "int64")
                 it = iter(data)
                 if s.has_embeddings:
                     ids, tt = next(it), next(it)
@@ -224,19 +245,25 @@ class StageGraph:
                     outs = [lossv, logits]
                 else:
                     outs = [h]
-                self.saved_names = [n for n, _ in saved]
+                if only:
+                    saved = []
+                else:
+                    self.saved_names = [n for n, _ in saved]
                 o = bb.emit_output(relax.Tuple(outs + [v for _, v in saved]))
             bb.emit_func_output(o)
-        self._saved_types = [v.ty for _, v in saved]
+        if not only:
+            self._saved_types = [v.ty for _, v in saved]
 
     # ---- backward -------------------------------------------------------------------------
     def _layer_bwd(self, dh2, S, seed, P, G, li):
         E, d, M = self.E, self.d, self.M
         B, T, D, F = self.s.batch, self.s.seq, d.hidden, d.ffn
         o = E(norm.build_layernorm_bwd, [dh2, S["xhat2"], S["rstd2"], P["output.LayerNorm.weight"], seed],
-              M, D, n_out=4 if self.p_h > 0 else 3, dropout=self.p_h, salt=_salt(li, 2))
+              M, D, n_out=4 if self.p_ln > 0 else 3, dropout=self.p_ln, salt=_salt(li, 2))
         ds2, G["output.LayerNorm.weight"], G["output.LayerNorm.bias"] = o[:3]
-        dz = o[3] if self.p_h > 0 else ds2
+        dz = o[3] if self.p_ln > 0 else ds2
+        if self.s.adapter_size:   # adapter gradients; dz becomes the FFN output's gradient
+            dz = adapters.backward(self, dz, S, seed, P, G, "output", _salt(li, 2))
         (G["output.dense.bias"],) = E(elementwise.build_bias_grad, [dz], M, D)
         if self.s.ffn_learners:   # FAR: weight gradients of the learner part only
             dh1 = far_ffn.backward(self, dz, ds2, S, P, G)
@@ -250,14 +277,19 @@ class StageGraph:
                        epilogue="add")
         o = E(norm.build_layernorm_bwd, [dh1, S["xhat1"], S["rstd1"],
                                          P["attention.output.LayerNorm.weight"], seed],
-              M, D, n_out=4 if self.p_h > 0 else 3, dropout=self.p_h, salt=_salt(li, 1))
+              M, D, n_out=4 if self.p_ln > 0 else 3, dropout=self.p_ln, salt=_salt(li, 1))
         ds1, G["attention.output.LayerNorm.weight"], G["attention.output.LayerNorm.bias"] = o[:3]
-        dproj = o[3] if self.p_h > 0 else ds1
+        dproj = o[3] if self.p_ln > 0 else ds1
+        if self.s.adapter_size:
+            dproj = adapters.backward(self, dproj, S, seed, P, G, "attention.output", _salt(li, 1))
         (G["attention.output.dense.weight"],) = E(gemm.build_gemm, [dproj, S["ctx"]], D, D, M, trans_a=True)
         (G["attention.output.dense.bias"],) = E(elementwise.build_bias_grad, [dproj], M, D)
         (dctx,) = E(gemm.build_gemm, [dproj, P["attention.output.dense.weight"]], M, D, D)
-        (dqkv,) = E(attention.build_attention_bwd, [S["qkv"], S["probs"], dctx, seed],
-                    B, T, d.heads, d.head_dim, dropout=self.p_a, salt=_salt(li, 0))
+        if self.head_split:
+            (dqkv,) = head_split.emit_bwd(self, S["qkv"], S["probs"], dctx, seed, li, _salt(li, 0))
+        else:
+            (dqkv,) = E(attention.build_attention_bwd, [S["qkv"], S["probs"], dctx, seed],
+                        B, T, d.heads, d.head_dim, dropout=self.p_a, salt=_salt(li, 0))
         (G["attention.self.qkv.weight"],) = E(gemm.build_gemm, [dqkv, S["x"]], 3 * D, D, M, trans_a=True)
         (G["attention.self.qkv.bias"],) = E(elementwise.build_bias_grad, [dqkv], M, 3 * D)
         (dx,) = E(gemm.build_gemm, [dqkv, P["attention.self.qkv.weight"], ds1], M, D, 3 * D, epilogue="add")
@@ -375,6 +407,8 @@ class StageGraph:
 
     def build(self, optimizer: bool = True) -> tvm.IRModule:
         self.build_forward()
+        if self.s.has_embeddings and self.s.has_head:   # whole model: forward-gradient clients
+            self.build_forward(STAGE_LOSS)
         self.build_backward()
         if optimizer:
             self.build_optimizer()
