@@ -5,7 +5,11 @@ Writes bench/results/head_split.json: attention fwd+bwd latency per head count o
 the end-to-end latency of every split k = 0..H, the split the tuner chooses (binary search on the
 measured curves) and `split_vs_best_single` = chosen split's end-to-end latency / best single
 backend's kernel latency (worker-side, no copy: the conservative baseline).
-Usage: python bench/bench_head_split.py [--reps N] [--dropout P]
+With --stage it also times whole training stages (bench/bench_head_split_stage.py): fwd+bwd of
+a MiniLM stage with the in-stage split vs the same stage unsplit on 2 threads and on 1 thread,
+interleaved in one run; those keys start with "stage_". --skip-layer keeps the layer keys of the
+existing results file and only re-measures the stage.
+Usage: python bench/bench_head_split.py [--reps N] [--dropout P] [--stage [--skip-layer]]
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+ROOT_BUILD = Path(__file__).resolve().parents[1] / "build" / "bench_head_split_stage"
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import numpy as np  # noqa: E402
@@ -46,7 +53,36 @@ def main(argv=None):
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "head_split.json"))
+    ap.add_argument("--stage", action="store_true", help="also time whole stages")
+    ap.add_argument("--skip-layer", action="store_true", help="keep the layer keys in --out")
+    ap.add_argument("--stage-rounds", type=int, default=5)
     a = ap.parse_args(argv)
+    if a.skip_layer:
+        with open(a.out) as f:
+            res = json.load(f)
+    else:
+        res = layer_bench(a)
+    if a.stage:
+        from bench_head_split_stage import run as stage_run
+
+        res.update(stage_run(a.stage_rounds, 5, (4, 6), ROOT_BUILD))
+        res["loadavg_stage"] = list(os.getloadavg())
+        from bench_pipeline import machine_info
+
+        res["machine"] = machine_info()
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps({k_: res[k_] for k_ in ("chosen_split", "chosen_split_ms",
+                                            "best_single_backend_ms", "split_vs_best_single",
+                                            "best_measured_k", "chosen_vs_best_measured")
+                      if k_ in res}))
+    if a.stage:
+        print(json.dumps({k_: v for k_, v in res.items() if k_.startswith("stage_")
+                          and not k_.endswith("per_round")}))
+
+
+def layer_bench(a) -> dict:
     s = AttnShape(8, 128, 12, 32)
     H, arch = s.H, get_arch("host")
     t0 = time.time()
@@ -107,12 +143,7 @@ def main(argv=None):
                    "copy_ms is the host<->device transfer; only a real board measures that.",
         "loadavg": list(os.getloadavg()),
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(json.dumps({k_: res[k_] for k_ in ("chosen_split", "chosen_split_ms",
-                                            "best_single_backend_ms", "split_vs_best_single",
-                                            "best_measured_k", "chosen_vs_best_measured")}))
+    return res
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Kinds and their fields (all optional fields may be absent):
     step        step, loss, step_s, seq_per_s, lr
     eval        step, loss, accuracy, examples
     board       name, stage, rss_mib, peak_rss_mib, budget_mib, compute_s, wait_s, queue,
-                errors, alive, head_split ({layer: k} or absent)
+                errors, alive, head_split ({layer: heads on the board's second backend}, i.e.
+                H - k for split point k, from its STATS; None or absent for unsplit bundles;
+                docs/head_split.md)
     timeline    step, rows: [{board, stage, mb, op ("F"|"B"|"U"), t0, t1}, ...]  (seconds from
                 the step's start; what ran where)
     checkpoint  step, path, seconds

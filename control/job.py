@@ -55,8 +55,11 @@ def compile_bundles(model: Model, out_dir: str | Path, *, stages: int | None = N
                     split: str | None = None, batch: int = 8, seq: int = 128, target: str = "host",
                     dropout: bool = True, threads: int | None = None,
                     configs: dict | None = None, progress: bool = True,
-                    tuning_db: str | Path | None = None) -> list[Path]:
+                    tuning_db: str | Path | None = None, head_split: bool = False) -> list[Path]:
     """Compile the model into K stage bundles under `out_dir`/stage{i}; returns their paths.
+
+    `head_split`: each layer's attention runs split over the board's two backends, at the split
+    the board tunes when it loads the stage (docs/head_split.md).
 
     `configs`: kernel configs by workload key; None = the board's tuning database (`tuning_db`, by
     default compiler.tuning.default_db_path(), if it exists); {} = the kernels' default schedules."""
@@ -82,7 +85,7 @@ def compile_bundles(model: Model, out_dir: str | Path, *, stages: int | None = N
                   f", target {target}) ...", end="", flush=True, file=sys.stderr)
         d = Path(out_dir) / f"stage{spec.index}"
         m = build_bundle(d, model.dims, spec, arch, model.weights, model.model_id, model.sha256,
-                         configs=configs)
+                         configs=configs, head_split=head_split)
         if progress:
             print(f" {m.kernels} kernels, {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         out.append(d)
@@ -142,8 +145,12 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
              split: str | None = None, steps: int = 60, batch: int = 8, micro_batches: int = 2,
              seq: int = 64, lr: float = 2e-4, eval_examples: int = 256, seed: int = 0,
              threads: int | None = None, export: bool = True, configs: dict | None = None,
-             tuning_db: str | Path | None = None, boards: bool = True) -> TrainReport:
+             tuning_db: str | Path | None = None, boards: bool = True,
+             head_split: bool = False) -> TrainReport:
     """The main job: fine-tune a BERT checkpoint on Rotten Tomatoes through K compiled stages.
+
+    `head_split`: every attention layer runs split over each board's two backends at the split the
+    board tunes when it loads its stage (docs/head_split.md); the choice is in `rep.boards`.
 
     With `boards` (the default) every stage runs on its own local board process (edgert serve, CURVE
     ZeroMQ on 127.0.0.1) in 1F1B pipeline order; otherwise all stages run in this process. Held-out
@@ -151,11 +158,15 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
     """
     from control.data import iterate_batches
 
+    if head_split and not boards:
+        raise ConfigError("head split runs on board processes (each splits its attention over "
+                          "its own backends); drop --in-process or --head-split")
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
     t0 = time.perf_counter()
     bundles = compile_bundles(model, out_dir / "bundles", stages=stages, split=split, batch=batch,
-                              seq=seq, threads=threads, configs=configs, tuning_db=tuning_db)
+                              seq=seq, threads=threads, configs=configs, tuning_db=tuning_db,
+                              head_split=head_split)
     compile_s = time.perf_counter() - t0
     pipe = LocalPipeline(bundles, threads=threads, run_seed=seed)
     tok_file = model.path / "tokenizer.json"
@@ -189,7 +200,8 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
             for i, b in enumerate(cluster.stages):
                 st = cluster.stats(i)
                 rep.boards.append({"name": b.name, "stage": i, "pid": b.proc.pid,
-                                   "peak_rss_mib": st["peak_rss"] / 2 ** 20})
+                                   "peak_rss_mib": st["peak_rss"] / 2 ** 20,
+                                   "head_split": st.get("head_split")})
             pipe.load_state(cluster.params(), cluster.optimizer_state(), steps)
     else:
         run(pipe)

@@ -65,6 +65,25 @@ def seed_vec(seed: int, dropout: bool) -> np.ndarray:
     return np.array([seed, 1 if dropout else 0], np.int64)
 
 
+def _run_splits_unsplit(bundles: list[Path | str], threads: int | None) -> None:
+    """Head-split bundles (docs/head_split.md) call the board's attention functions; in this
+    process they run unsplit (k = H, the full-head kernel on this process's thread pool) unless
+    the caller installed an executor for this shape (edgert.head_split_exec.install). All stages
+    of a model share one attention shape, so one executor serves every stage."""
+    from edgert import head_split_exec as hsx
+    from edgert.artifact import load_manifest
+
+    for b in bundles:
+        m = load_manifest(Path(b), verify=False)
+        if hsx.has_split(m):
+            shape, _ = hsx.attn_shape(m)
+            ex = hsx.active()
+            if ex is None or ex.shape != shape:   # else: one the caller installed (any k)
+                hsx.start_for_stage(Path(b), m, hsx.SplitOptions(k=shape.H), board="local",
+                                    threads=threads)
+            return
+
+
 def stage_inputs(stage: TvmStage, batch: dict[str, np.ndarray], hidden) -> list:
     """The data inputs a stage's forward takes, from the batch and the previous stage's output."""
     out = []
@@ -85,6 +104,7 @@ class LocalPipeline:
     def __init__(self, bundles: list[Path | str], threads: int | None = None, run_seed: int = 0):
         if not bundles:
             raise ConfigError("LocalPipeline needs at least one stage bundle")
+        _run_splits_unsplit(bundles, threads)
         self.stages = [TvmStage.load(b, threads=threads) for b in bundles]
         for i, st in enumerate(self.stages):
             if st.manifest.index != i or int(st.manifest.stage["num_stages"]) != len(bundles):

@@ -7,7 +7,9 @@
   `os.sched_setaffinity` and running TVM's runtime with a 1-thread pool on attention kernels loaded
   from an exported library. The layer's tensors live in one shared-memory file (/dev/shm); a split
   layer is one dispatch to both workers, each of which gathers its heads' columns, runs fwd + bwd
-  and scatters its ctx / dqkv columns back, concurrently. See [Note: why processes].
+  and scatters its ctx / dqkv columns back, concurrently. See [Note: why processes]. Inside a
+  training stage forward and backward run apart (`run_part("fwd"|"bwd", k)`, used by
+  edgert/head_split_exec.py): the whole layer's probs travel through the arena with the VM.
 
 [Note: why processes]
 TVM's CPU thread pool is per process and `TVM_NUM_THREADS` is read once, so two backends in one
@@ -23,6 +25,7 @@ It reads one JSON command per line on stdin and answers one JSON line on stdout.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import mmap
@@ -151,7 +154,8 @@ class AttnShape:
         specs: list[tuple[str, tuple[int, ...], str]] = [
             ("mask", (B, T), self.dtype), ("seed", (2,), "int64"),
             ("qkv", (M, 3 * H * d), self.dtype), ("dctx", (M, H * d), self.dtype),   # layer in
-            ("ctx", (M, H * d), self.dtype), ("dqkv", (M, 3 * H * d), self.dtype)]   # layer out
+            ("ctx", (M, H * d), self.dtype), ("dqkv", (M, 3 * H * d), self.dtype),   # layer out
+            ("probs", (B, H, T, T), self.dtype)]   # fwd out, bwd in (ops "fwd"/"bwd")
         for w in ("w0", "w1"):
             specs += [(f"{w}.{name}", shp, self.dtype) for name, shp in (
                 ("qkv", (M, 3 * H * d)), ("dctx", (M, H * d)), ("ctx", (M, H * d)),
@@ -302,6 +306,21 @@ class PinnedWorkers:
         P = self._probs(parts) if probs else np.empty(0, self.shape.dtype)
         return [self.arena.view("ctx"), P, self.arena.view("dqkv")]
 
+    def run_part(self, op: str, k: int) -> None:
+        """One direction of a stage's attention layer, split at k, on the arena's tensors:
+        op "fwd" reads qkv, mask, seed and writes ctx, probs; "bwd" reads qkv, probs, dctx, seed
+        and writes dqkv (edgert/head_split_exec.py copies them in and out)."""
+        parts = self._parts(k)
+        for i, h0, h1 in parts:   # both start before either is awaited
+            self._send(i, {"op": op, "h0": h0, "h1": h1})
+        for i, _, _ in parts:
+            self._recv(i)
+
+    def exited(self) -> list[str]:
+        """'<name> (core c) exited with code x' for each worker that is no longer running."""
+        return [f"worker {self.names[i]} (core {self.cores[i]}) exited with code {p.returncode}"
+                for i, p in enumerate(self._procs) if p.poll() is not None]
+
     # ---- measurements (ms) -------------------------------------------------------------------
     def backend_ms(self, i: int, n: int, *, io: bool = True, reps: int = 7,
                    warmup: int = 2) -> Timing:
@@ -360,25 +379,44 @@ def _worker(cfg: dict[str, Any]) -> None:
                              [t["qkv"], t["ctx"], t["probs"], t["dctx"], t["dqkv"]])
         return fns[(h0, h1)]
 
-    def io(h0: int, h1: int) -> tuple[Callable[[], None], Callable[[], None]]:
-        """This worker's gather of its heads' q|k|v and dctx columns, and scatter of ctx, dqkv."""
+    @functools.cache
+    def io(h0: int, h1: int) -> dict[str, Callable[[], None]]:
+        """This worker's copies between the whole layer's buffers and its heads' part: gathers of
+        its q|k|v, dctx and probs columns, scatters of its ctx, probs and dqkv columns."""
         n, M, d = h1 - h0, shape.M, shape.d
         sh = shape.part_shapes(n)
         cols = slice(h0 * d, h1 * d)
-        full = {name: arena.view(name) for name in ("qkv", "dctx", "ctx", "dqkv")}
+        full = {name: arena.view(name) for name in ("qkv", "dctx", "ctx", "dqkv", "probs")}
         part = {name: arena.view(f"{w}.{name}", sh[name]) for name in full}
         q3, pq3 = full["qkv"].reshape(M, 3, -1), part["qkv"].reshape(M, 3, n * d)
         g3, pg3 = full["dqkv"].reshape(M, 3, -1), part["dqkv"].reshape(M, 3, n * d)
 
-        def gather() -> None:
-            pq3[...] = q3[:, :, cols]
-            part["dctx"][...] = full["dctx"][:, cols]
+        def put(dst: np.ndarray, src: np.ndarray) -> Callable[[], None]:
+            return lambda: np.copyto(dst, src)
 
-        def scatter() -> None:
-            full["ctx"][:, cols] = part["ctx"]
-            g3[:, :, cols] = pg3
+        return {"qkv": put(pq3, q3[:, :, cols]), "dctx": put(part["dctx"], full["dctx"][:, cols]),
+                "probs_in": put(part["probs"], full["probs"][:, h0:h1]),
+                "ctx": put(full["ctx"][:, cols], part["ctx"]), "dqkv": put(g3[:, :, cols], pg3),
+                "probs_out": put(full["probs"][:, h0:h1], part["probs"])}
 
-        return gather, scatter
+    def part(op: str, h0: int, h1: int) -> float:
+        """fwd: ctx, probs of heads [h0, h1) from the arena's qkv; bwd: dqkv from qkv, probs,
+        dctx. Gathers its columns and scatters its results itself; returns ms."""
+        t0 = time.perf_counter()
+        f, b, (qkv, ctx, probs, dctx, dqkv) = prepared(h0, h1)
+        c = io(h0, h1)
+        if op == "fwd":
+            c["qkv"]()
+            f(qkv, mask, seed, ctx, probs)
+            c["ctx"]()
+            c["probs_out"]()
+        else:
+            c["qkv"]()
+            c["dctx"]()
+            c["probs_in"]()
+            b(qkv, probs, dctx, seed, dqkv)
+            c["dqkv"]()
+        return (time.perf_counter() - t0) * 1e3
 
     print(json.dumps({"ready": True, "core": cfg["core"],
                       "affinity": sorted(os.sched_getaffinity(0))}), flush=True)
@@ -389,9 +427,13 @@ def _worker(cfg: dict[str, Any]) -> None:
                 break
             if cmd["op"] == "ping":
                 reply: dict[str, Any] = {"ms": []}
+            elif cmd["op"] in ("fwd", "bwd"):   # one direction of a stage's layer: see run_part
+                reply = {"ms": [part(cmd["op"], cmd["h0"], cmd["h1"])]}
             else:
                 f, b, (qkv, ctx, probs, dctx, dqkv) = prepared(cmd["h0"], cmd["h1"])
-                gather, scatter = io(cmd["h0"], cmd["h1"]) if cmd["io"] else (_nop, _nop)
+                c = io(cmd["h0"], cmd["h1"]) if cmd["io"] else {}
+                gather = _seq(c.get("qkv", _nop), c.get("dctx", _nop))
+                scatter = _seq(c.get("ctx", _nop), c.get("dqkv", _nop))
 
                 def step() -> None:   # noqa: B023 below: called within this iteration only
                     gather()                             # noqa: B023
@@ -407,6 +449,14 @@ def _worker(cfg: dict[str, Any]) -> None:
 
 def _nop() -> None:
     pass
+
+
+def _seq(*fns: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        for f in fns:
+            f()
+
+    return run
 
 
 if __name__ == "__main__":

@@ -16,25 +16,23 @@ import pytest
 import tvm
 
 from compiler.arch import get_arch
-from compiler.head_split import build_split_library
+from compiler.head_split import compile_split_library
 from compiler.kernels.attention import build_attention_bwd, build_attention_fwd, subset_columns
 from edgert.artifact import sha256_file
 from edgert.autotune.cache import CacheKey, SplitCache, tvm_version
 from edgert.autotune.measure import AttnShape, PinnedWorkers, kernel_name, tune_head_split
 from edgert.autotune.space import exhaustive, search_crossing, split_cost
 
-B, T, H, d, P_DROP, SALT = 2, 16, 12, 32, 0.1, 7
+B, T, H, d, P_DROP = 2, 16, 12, 32, 0.1
 SHAPE = AttnShape(B, T, H, d)
 TWO_CORES = len(__import__("os").sched_getaffinity(0)) >= 2
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    arch = get_arch("host")
-    ex = tvm.compile(build_split_library(SHAPE, P_DROP, SALT, arch), target=arch.tvm_target())
-    path = tmp_path_factory.mktemp("split") / "attn_split.so"
-    ex.export_library(str(path))
-    return ex, path
+def lib():
+    # From the session's compile cache: the same library as test_head_split_stage's bundle.
+    path, _ = compile_split_library(SHAPE, P_DROP, get_arch("host"))
+    return tvm.runtime.load_module(str(path)), path
 
 
 @pytest.fixture(scope="module")
