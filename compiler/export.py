@@ -172,6 +172,8 @@ def export_hf(
     _write_text(
         out / MARKER, json.dumps({"format": "edgert-hf-export/1", "complete": False}) + "\n"
     )
+    # A previous export's bottleneck adapters (compiler/adapters.py) do not belong to these weights.
+    (out / "adapters.safetensors").unlink(missing_ok=True)
     st_tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(st_tmp), metadata={"format": "pt"})
     os.replace(st_tmp, out / "model.safetensors")
@@ -203,10 +205,15 @@ def export_hf_internal(out_dir: str | Path, config: BertConfig, weights: Mapping
                        id2label: Mapping[int, str] | Sequence[str] | None = None) -> Path:
     """`export_hf` from internal (fused-QKV) weights, folding LoRA factors in first.
 
+    Bottleneck adapters cannot be folded into the base weights (they are nonlinear): they go to
+    ``adapters.safetensors`` next to the checkpoint (compiler/adapters.py; `load_adapters` reads
+    them back), and ``model.safetensors`` holds the rest (base, trained LayerNorms and head).
+
     Parameters
     ----------
     weights : internal names (compiler/model_spec.py), e.g. `LocalPipeline.params()`; may hold
-        `encoder.layer.<i>.attention.self.qkv.lora_A/B` (then `lora_scale` = alpha / rank is needed).
+        `encoder.layer.<i>.attention.self.qkv.lora_A/B` (then `lora_scale` = alpha / rank is needed)
+        or `encoder.layer.<i>.<site>.adapter.*` tensors.
 
     Examples
     --------
@@ -219,5 +226,11 @@ def export_hf_internal(out_dir: str | Path, config: BertConfig, weights: Mapping
     if has_lora and lora_scale is None:
         raise ConfigError("the weights hold LoRA factors: pass lora_scale = lora_alpha / lora_rank "
                             "(the bundle manifest's stage record has both) to merge them")
-    merged = merge_lora(dict(weights), lora_scale) if has_lora else dict(weights)
-    return export_hf(out_dir, config, split_qkv(merged), tokenizer_dir, num_labels, id2label)
+    from compiler.adapters import save_adapters, split_adapters
+
+    base, adapters = split_adapters(dict(weights))
+    merged = merge_lora(base, lora_scale) if has_lora else base
+    out = export_hf(out_dir, config, split_qkv(merged), tokenizer_dir, num_labels, id2label)
+    if adapters:   # export_hf removed any older adapters file
+        save_adapters(out, adapters)
+    return out

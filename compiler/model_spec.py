@@ -68,6 +68,19 @@ class StageSpec:
     # fused QKV projection: qkv = x W^T + b + (lora_alpha / r) (x A^T) B^T.
     lora_rank: int = 0
     lora_alpha: float = 0.0
+    # Bottleneck adapters (Houlsby et al. 2019; compiler/peft.py): size r > 0 adds, per layer, one
+    # adapter h + up(gelu(down(h))) after the attention output dense and one after the FFN output
+    # dense (both after their dropout, before the residual add + LayerNorm); ADAPTER_PARAMS.
+    adapter_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.adapter_size < 0:
+            raise ConfigError(f"adapter_size must be >= 1 (or 0 for no adapters), got "
+                              f"{self.adapter_size}; e.g. --adapter-size 16")
+        if self.adapter_size and (self.lora_rank or self.ffn_learners):
+            other = "LoRA" if self.lora_rank else "FAR (ffn_learners)"
+            raise ConfigError(f"bottleneck adapters cannot be combined with {other} in one stage: "
+                              "choose one parameter-efficient method (--peft adapter|lora|bitfit)")
 
     @property
     def has_embeddings(self) -> bool:
@@ -175,6 +188,17 @@ LORA_PARAMS = (
 )
 
 
+# Bottleneck adapters: `<site>.adapter.{down,up}.{weight,bias}` with site "attention.output" (after
+# the attention output dense) or "output" (after the FFN output dense); [out, in] layout as HF.
+ADAPTER_SITES = ("attention.output", "output")
+ADAPTER_PARAMS = (
+    ("adapter.down.weight", lambda d, r: (r, d.hidden)),
+    ("adapter.down.bias", lambda d, r: (r,)),
+    ("adapter.up.weight", lambda d, r: (d.hidden, r)),
+    ("adapter.up.bias", lambda d, r: (d.hidden,)),
+)
+
+
 def stage_params(spec: StageSpec, dims: ModelDims) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter a stage owns (trained or frozen), in the order its
     functions take them."""
@@ -189,6 +213,9 @@ def stage_params(spec: StageSpec, dims: ModelDims) -> list[tuple[str, tuple[int,
         if spec.lora_rank:   # LoRA factors of the fused QKV (compiler/peft.py)
             out += [(f"encoder.layer.{li}.{ln}", lf(dims, spec.lora_rank))
                     for ln, lf in LORA_PARAMS]
+        if spec.adapter_size:   # bottleneck adapters (compiler/peft.py)
+            out += [(f"encoder.layer.{li}.{site}.{an}", af(dims, spec.adapter_size))
+                    for site in ADAPTER_SITES for an, af in ADAPTER_PARAMS]
     if spec.has_head:
         out += [(n, f(dims)) for n, f in HEAD_PARAMS]
     return out

@@ -11,6 +11,10 @@ head (it starts random). Everything else is *frozen* with the stage graph's gene
 backward returns gradients for the trainable ones only, and AdamW state exists only for those.
 `merge_lora` folds W + s B A into the base weight for export (compiler/export.py).
 
+Bottleneck adapters (Houlsby et al. 2019; compiler/adapters.py) add h + up(gelu(down(h))) after each
+layer's attention output dense and FFN output dense, and train the adapters, every LayerNorm and the
+classifier head (`is_adapter_trainable`).
+
 LoRA backward (dqkv from the attention VJP; x the layer input):
 
     xs = s x A^T [M, r] (saved)      dB = dqkv^T xs      dxa = s dqkv B      dA = dxa^T x
@@ -29,13 +33,14 @@ import dataclasses
 import numpy as np
 from tvm import te, tirx
 
+from compiler.adapters import is_adapter_trainable
 from compiler.arch import Arch
 from compiler.kernels import gemm
 from compiler.kernels.elementwise import resolve_arch, sched_rows
 from compiler.model_spec import ModelDims, StageSpec, stage_params
 from edgert.errors import ConfigError
 
-METHODS = ("full", "bitfit", "lora")
+METHODS = ("full", "bitfit", "lora", "adapter")
 
 
 def is_bitfit_trainable(name: str) -> bool:
@@ -52,13 +57,20 @@ def frozen_names(spec: StageSpec, dims: ModelDims, method: str) -> tuple[str, ..
         return ()
     if method == "lora":
         return tuple(n for n in names if ".lora_" not in n and not n.startswith("classifier."))
+    if method == "adapter":
+        return tuple(n for n in names if not is_adapter_trainable(n))
     return tuple(n for n in names if not is_bitfit_trainable(n))
 
 
 def peft_spec(spec: StageSpec, dims: ModelDims, method: str, *, rank: int = 8,
-              alpha: float = 16.0) -> StageSpec:
+              alpha: float = 16.0, adapter_size: int = 16) -> StageSpec:
     """`spec` with the method's frozen set added to whatever it froze already (and, for LoRA,
-    the rank and alpha)."""
+    the rank and alpha; for adapters, their bottleneck size)."""
+    if method == "adapter":
+        if isinstance(adapter_size, bool) or not isinstance(adapter_size, int) or adapter_size < 1:
+            raise ConfigError(f"bottleneck adapters need adapter_size >= 1 (e.g. 16), got "
+                              f"{adapter_size!r}")
+        spec = dataclasses.replace(spec, adapter_size=adapter_size)   # validated by StageSpec
     if method == "lora":
         if rank < 1 or not alpha > 0:
             raise ConfigError(f"LoRA needs rank >= 1 and alpha > 0, got rank {rank}, alpha {alpha}")
