@@ -101,11 +101,22 @@ class BoardClients:
         self.boards = cluster.boards[:len(shards)]
         self.shards = list(shards)
         self.bytes_down = self.bytes_up = 0
+        self.memory: dict[str, list[dict[str, float]]] = {}   # phase -> per board RSS, MiB
+        self._memory("idle")
         for b in self.boards:
             cluster.upload(b, Path(bundle), "fwd")
+        self._memory("uploaded")
         self._all(Kind.FWDGRAD, [{"body": {"op": "load", "bundle": "fwd"}}] * len(self.boards))
+        self._memory("loaded")
         self._all(Kind.FWDGRAD, [{"body": {"op": "shard"}, "arrays": s} for s in shards])
+        self._memory("shard")
         self.bytes_down = self.bytes_up = 0   # count rounds only
+
+    def _memory(self, phase: str) -> None:
+        """Record each board's current and peak RSS (VmHWM: the peak since the board started)."""
+        stats = [self.c.stats(i) for i in range(len(self.boards))]
+        self.memory[phase] = [{"rss_mib": s["rss"] / 2 ** 20, "peak_rss_mib": s["peak_rss"] / 2 ** 20}
+                              for s in stats]
 
     @property
     def sizes(self) -> list[int]:
@@ -128,6 +139,7 @@ class BoardClients:
         return [dict(m.header.body) for m in self._all(Kind.FWDGRAD, kws)]
 
     def peak_rss(self) -> list[int]:
+        self._memory("end")
         return [int(self.c.stats(i)["peak_rss"]) for i in range(len(self.boards))]
 
 
@@ -194,17 +206,37 @@ class FwdGradRun:
 
 
 # ---- the job -------------------------------------------------------------------------------------
+def compile_lora_bundle(model: Any, out_dir: str | Path, *, batch: int, seq: int, rank: int = 8,
+                        alpha: float = 16.0, seed: int = 0) -> Path:
+    """A whole-model bundle with LoRA factors on every layer's QKV (A seeded random, B = 0) and
+    every base weight frozen: backprop LoRA trains it as is; forward-gradient clients perturb its
+    factors by name (method "lora")."""
+    from compiler.arch import get_arch
+    from compiler.build import build_bundle
+    from compiler.model_spec import stage_specs
+    from compiler.peft import lora_init, peft_spec
+    from compiler.tuning import board_configs
+
+    arch = get_arch("host")
+    (spec,) = stage_specs([(0, model.dims.layers)], batch, seq)
+    spec = peft_spec(spec, model.dims, "lora", rank=rank, alpha=alpha)
+    weights = {**model.weights, **lora_init(model.dims, spec, seed)}
+    build_bundle(Path(out_dir), model.dims, spec, arch, weights, model.model_id, model.sha256,
+                 configs=board_configs(arch, None))
+    return Path(out_dir)
+
+
 def _eval(stage: Any, base: dict[str, np.ndarray], values: dict[str, np.ndarray],
           batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Held-out loss and accuracy of the model with `values` for the trainable tensors."""
-    from control.local import seed_vec, stage_inputs
+    from control.local import stage_inputs
 
     stage.set_params({**base, **values})
     losses, correct, n = [], 0, 0
     for b in batches:
-        outs, _ = stage.forward(stage_inputs(stage, b, None), seed_vec(1, False))
-        losses.append(float(np.from_dlpack(outs[0])[0]))
-        correct += int((np.from_dlpack(outs[1]).argmax(1) == b["labels"]).sum())
+        lossv, logits = stage.loss(stage_inputs(stage, b, None))   # dropout off
+        losses.append(float(np.from_dlpack(lossv)[0]))
+        correct += int((np.from_dlpack(logits).argmax(1) == b["labels"]).sum())
         n += len(b["labels"])
     return {"loss": float(np.mean(losses)), "accuracy": correct / max(1, n), "examples": n}
 
@@ -221,7 +253,8 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
     Parameters
     ----------
     clients : number of federated clients (local board processes with `boards`).
-    method : trainable set, "bitfit" (biases, LayerNorms, classifier) or "head".
+    method : trainable set, "bitfit" (biases, LayerNorms, classifier), "head", or "lora" (LoRA B
+        factors + classifier of a LoRA bundle, compiled here if `bundle` is None).
     alpha : None = IID shards; > 0 = non-IID by label (Dirichlet alpha).
     cfg : forward-gradient settings (perturbations, variance threshold, sampler, eps, lr).
     bundle : a compiled whole-model bundle to reuse (else one is compiled under out_dir).
@@ -248,7 +281,10 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
     cfg = cfg or FwdGradConfig(seed=seed)
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
-    if bundle is None:
+    if bundle is None and method.startswith("lora"):
+        bundle = compile_lora_bundle(model, out_dir / "bundles" / "lora", batch=batch, seq=seq,
+                                     seed=seed)
+    elif bundle is None:
         bundle = compile_bundles(model, out_dir / "bundles", stages=1, batch=batch, seq=seq,
                                  progress=progress)[0]
     stage = TvmStage.load(bundle)
@@ -268,13 +304,15 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
 
     def run(cl: Any) -> FwdGradRun:
         srv = FwdGradRun(cl, names, {n: base[n] for n in names}, cfg, rows_per_round)
-        t_run, curve = time.perf_counter(), rep.setdefault("curve", [])
+        curve, train_s = rep.setdefault("curve", []), 0.0
+        if eval_every:
+            curve.append({"round": 0, "seconds": 0.0, **rep["before"]})
         for r in range(rounds):
             rec = srv.round(r)
+            train_s += rec.seconds             # rounds only: held-out evaluation is not counted
             if eval_every and ((r + 1) % eval_every == 0 or r + 1 == rounds):
                 ev = _eval(stage, base, srv.values, test)
-                curve.append({"round": r + 1, "seconds": time.perf_counter() - t_run,
-                              "loss": ev["loss"], "accuracy": ev["accuracy"]})
+                curve.append({"round": r + 1, "seconds": train_s, **ev})
             if progress:
                 print(f"  round {r + 1}/{rounds}: k {rec.k} x {clients}, loss {rec.loss:.4f}, "
                       f"rel.var {rec.rel_var:.0f}, {rec.seconds:.1f}s", file=sys.stderr)
@@ -288,6 +326,7 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
             cl = BoardClients(cluster, bundle, shards)
             srv = run(cl)
             rep["peak_rss_mib"] = [v / 2 ** 20 for v in cl.peak_rss()]
+            rep["memory_phases"] = cl.memory
     else:
         srv = run(InProcessClients(stage, shards))
     rep["seconds"] = time.perf_counter() - t0

@@ -82,17 +82,32 @@ def trainable_names(param_names: Sequence[str], method: str) -> list[str]:
     """The PEFT set trained by forward gradients, in manifest order.
 
     bitfit: every bias, every LayerNorm weight and the classifier (the new head must learn);
-    head: the classifier only.
+    head: the classifier only;
+    lora: the LoRA B factors and the classifier of a LoRA bundle, A kept at its random init
+    (LoRA-FA): with B = 0 the loss does not depend on A to first order (dL/dA = s B^T G = 0), so
+    perturbing A would only add noise to every estimate (docs/fwdgrad.md);
+    lora_ab: both factors and the classifier.
 
     >>> trainable_names(["a.dense.weight", "a.dense.bias", "classifier.weight"], "bitfit")
     ['a.dense.bias', 'classifier.weight']
+    >>> trainable_names(["q.lora_A", "q.lora_B", "q.weight", "classifier.bias"], "lora")
+    ['q.lora_B', 'classifier.bias']
     """
+    head = [n for n in param_names if n.startswith("classifier.")]
     if method == "head":
-        return [n for n in param_names if n.startswith("classifier.")]
+        return head
     if method == "bitfit":
         return [n for n in param_names if n.endswith(".bias") or ".LayerNorm." in n
                 or n.startswith("classifier.")]
-    raise ConfigError(f"unknown trainable set {method!r}: use 'bitfit' or 'head'")
+    if method in ("lora", "lora_ab"):
+        keep = (".lora_B",) if method == "lora" else (".lora_A", ".lora_B")
+        lora = [n for n in param_names if n.endswith(keep)]
+        if not lora:
+            raise ConfigError(f"method {method!r} needs a bundle compiled with LoRA factors "
+                              f"(compiler.peft.peft_spec(..., 'lora')); this one has none")
+        return [n for n in param_names if n in lora or n in head]
+    raise ConfigError(f"unknown trainable set {method!r}: use 'bitfit', 'head', 'lora' or "
+                      f"'lora_ab'")
 
 
 # ---- estimation ----------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ import numpy as np
 from edgert.errors import BoardError
 
 SHARD_KEYS = ("input_ids", "attention_mask", "labels")
+# Forward-only entry of whole-model bundles: stage_loss(*data, *params) -> (loss, logits), dropout
+# off and no saved activations (compiler/stage.py; docs/fwdgrad.md "Memory").
+STAGE_LOSS = "stage_loss"
 
 
 def perturbation(seed: int, n: int) -> np.ndarray:
@@ -37,10 +40,6 @@ def perturbation(seed: int, n: int) -> np.ndarray:
     (True, 'float32')
     """
     return np.random.default_rng(int(seed)).standard_normal(int(n), dtype=np.float32)
-
-
-def _off_seed() -> np.ndarray:
-    return np.array([1, 0], np.int64)   # dropout off: inference numerics exactly
 
 
 class ForwardClient:
@@ -98,8 +97,8 @@ class ForwardClient:
         total = 0.0
         for b in batches:
             data = [b["input_ids"], b["token_type_ids"], b["attention_mask"], b["labels"]]
-            outs, _ = self.stage.forward(data, _off_seed())
-            total += float(np.from_dlpack(outs[0])[0])
+            lossv, _ = self.stage.loss(data)     # stage_loss: no saved activations
+            total += float(np.from_dlpack(lossv)[0])
             self.evals += 1
         return total / len(batches)
 

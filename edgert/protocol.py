@@ -423,6 +423,7 @@ class DeployedFile:
     name: str
     data: bytes
     sha256: str
+    path: Path | None = None      # the spooled file (Reassembler(spool_dir=...)); data is empty
 
 
 @dataclass(slots=True)
@@ -435,6 +436,9 @@ class _Transfer:
     next_index: int = 0
     data: bytearray = field(default_factory=bytearray)
     hasher: Any = field(default_factory=hashlib.sha256)
+    received: int = 0             # bytes
+    out: Any = None               # open spool file, or None (in memory)
+    path: Path | None = None
 
 
 class Reassembler:
@@ -443,8 +447,12 @@ class Reassembler:
     A new DEPLOY_BEGIN abandons an unfinished upload, so a controller can always retry from scratch.
     """
 
-    def __init__(self, *, max_total_bytes: int = DEFAULT_MAX_DEPLOY_BYTES) -> None:
+    def __init__(self, *, max_total_bytes: int = DEFAULT_MAX_DEPLOY_BYTES,
+                 spool_dir: Path | None = None) -> None:
         self.max_total_bytes = max_total_bytes
+        # spool_dir: write each checked chunk to spool_dir/<name>.part at once, so a board never
+        # holds a whole file in memory (a 90 MB parameter file was 2-3x that in RSS).
+        self.spool_dir = spool_dir
         self._t: _Transfer | None = None
 
     @property
@@ -466,12 +474,19 @@ class Reassembler:
             raise ProtocolError(
                 f"Reassembler got a {msg.kind.value} message; feed it DEPLOY_* only")
         except ProtocolError:
-            self._t = None      # a failed upload never leaves half a file behind
+            self._drop()        # a failed upload never leaves half a file behind
             raise
+
+    def _drop(self) -> None:
+        t, self._t = self._t, None
+        if t is not None and t.out is not None:
+            t.out.close()
+            t.path.unlink(missing_ok=True)
 
     def _begin(self, body: Mapping[str, Any]) -> None:
         if self._t is not None:
             log.warning("deploy of %s abandoned by a new DEPLOY_BEGIN", self._t.name)
+            self._drop()
         name = _safe_name(body.get("name"))
         total = _body_int(body, "total_bytes", "deploy_begin", lo=0)
         chunk = _body_int(body, "chunk_bytes", "deploy_begin", lo=1)
@@ -486,6 +501,10 @@ class Reassembler:
                 f"deploy_begin: n_chunks={n_chunks} but total_bytes={total} in chunks of {chunk} "
                 f"needs {-(-total // chunk)}; send n_chunks = ceil(total_bytes / chunk_bytes)")
         self._t = _Transfer(name, total, chunk, n_chunks, sha)
+        if self.spool_dir is not None:
+            path = Path(self.spool_dir) / (name + ".part")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._t.path, self._t.out = path, open(path, "wb", buffering=0)  # noqa: SIM115
 
     def _chunk(self, msg: Message) -> None:
         t, body = self._t, msg.header.body
@@ -501,10 +520,10 @@ class Reassembler:
                 f"deploy_chunk: got chunk {index} of {t.name}, expected chunk {t.next_index}; send "
                 f"chunks in order, or restart the upload with DEPLOY_BEGIN")
         offset = _body_int(body, "offset", "deploy_chunk", lo=0)
-        want = min(t.chunk_bytes, t.total - len(t.data))
-        if offset != len(t.data):
+        want = min(t.chunk_bytes, t.total - t.received)
+        if offset != t.received:
             raise ProtocolError(
-                f"deploy_chunk {index} of {t.name}: offset {offset}, expected {len(t.data)}")
+                f"deploy_chunk {index} of {t.name}: offset {offset}, expected {t.received}")
         metas = msg.header.tensors
         if len(metas) != 1 or metas[0].name != "data" or metas[0].dtype != "uint8":
             raise ProtocolError(f"deploy_chunk {index} must carry one uint8 tensor named 'data'")
@@ -517,7 +536,11 @@ class Reassembler:
             raise ProtocolError(
                 f"deploy_chunk {index} of {t.name} fails its sha256 (corrupted in transit); "
                 f"restart the upload")
-        t.data += data
+        if t.out is not None:
+            t.out.write(data)
+        else:
+            t.data += data
+        t.received += data.nbytes
         t.hasher.update(data)
         t.next_index += 1
 
@@ -525,11 +548,10 @@ class Reassembler:
         t = self._t
         if t is None:
             raise ProtocolError("deploy_end without a deploy_begin; send DEPLOY_BEGIN first")
-        self._t = None
-        if body.get("name") != t.name or len(t.data) != t.total or t.next_index != t.n_chunks:
+        if body.get("name") != t.name or t.received != t.total or t.next_index != t.n_chunks:
             raise ProtocolError(
                 f"deploy_end for {body.get('name')!r}: got {t.next_index}/{t.n_chunks} chunks, "
-                f"{len(t.data)}/{t.total} bytes of {t.name!r}; resend the missing chunks")
+                f"{t.received}/{t.total} bytes of {t.name!r}; resend the missing chunks")
         got = t.hasher.hexdigest()
         end_sha = _body_sha(body, "deploy_end")
         if got != t.sha256 or end_sha != t.sha256:
@@ -537,6 +559,10 @@ class Reassembler:
                 f"deploy_end: {t.name} has sha256 {got[:12]}..., deploy_begin announced "
                 f"{t.sha256[:12]}... and deploy_end {end_sha[:12]}...; the file changed during the "
                 f"upload or was corrupted: upload it again")
+        self._t = None
+        if t.out is not None:
+            t.out.close()
+            return DeployedFile(t.name, b"", got, t.path)
         return DeployedFile(t.name, bytes(t.data), got)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -98,6 +99,68 @@ def aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "U8": "uint8"}   # safetensors dtype codes -> numpy
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    buf = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    off = (-buf.ctypes.data) % _ALIGN
+    return buf[off:off + nbytes].view(dt).reshape(shape)
+
+
+def read_params(path: Path, metas) -> list[np.ndarray]:
+    """The tensors `metas` (TensorMeta: name, shape, dtype) of a safetensors file, each read
+    straight from the file into its own 64-byte aligned array.
+
+    Tensor by tensor, with no mmap and no whole-file buffer: loading peaks at the parameters plus
+    one read call, not at twice the file (safetensors' load_file + the aligned copy coexisted).
+    """
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{path} is unreadable ({why}); re-deploy the bundle")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 1 << 26):
+            raise bad("no safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"header is not JSON: {e}") from e
+        out = []
+        for t in metas:
+            e = header.get(t.name)
+            shape = tuple(e.get("shape", ())) if isinstance(e, dict) else None
+            if shape != tuple(t.shape):
+                raise ArtifactError(f"{path}: tensor {t.name} missing or of shape {shape}, "
+                                    f"manifest says {t.shape}")
+            if _ST_DTYPES.get(e.get("dtype")) != np.dtype(t.dtype).name:
+                raise bad(f"tensor {t.name} is {e.get('dtype')}, the manifest says {t.dtype}")
+            a = _aligned_empty(shape, t.dtype)
+            b0, b1 = e.get("data_offsets", (0, -1))
+            if b1 - b0 != a.nbytes or 8 + n + b1 > size:
+                raise bad(f"tensor {t.name} has offsets {b0}..{b1} for {a.nbytes} bytes in a "
+                          f"{size}-byte file (truncated?)")
+            f.seek(8 + n + b0)
+            if a.nbytes and f.readinto(memoryview(a).cast("B")) != a.nbytes:
+                raise bad(f"short read of {t.name}")
+            out.append(a)
+    return out
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the OS (no-op elsewhere). glibc raises its
+    mmap threshold after large frees, so freed 1 MiB message buffers stay in the heap and in RSS."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def to_dev(a: np.ndarray):
     """numpy -> runtime tensor sharing memory (the tensor keeps the array alive)."""
     return _rt.from_dlpack(aligned(np.asarray(a)))
@@ -138,34 +201,38 @@ class TvmStage:
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types
             raise ArtifactError(f"{bundle}/{LIB_FILE} could not be loaded by the TVM runtime ({e}); "
                                 f"recompile the bundle for this board") from e
-        from safetensors.numpy import load_file
-
-        try:
-            arrays = load_file(str(bundle / PARAMS_FILE))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise ArtifactError(f"{bundle}/{PARAMS_FILE} is unreadable ({e}); re-deploy the bundle") from e
-        params = []
-        for t in m.params:
-            a = arrays.get(t.name)
-            if a is None or tuple(a.shape) != t.shape:
-                raise ArtifactError(f"{bundle}/{PARAMS_FILE}: tensor {t.name} missing or of shape "
-                                    f"{None if a is None else a.shape}, manifest says {t.shape}")
-            params.append(to_dev(a))
+        _trim_heap()   # freed upload/message buffers back to the OS before the parameters come
+        params = [to_dev(a) for a in read_params(bundle / PARAMS_FILE, m.params)]
         return cls(m, vm, params)
 
     # ---- entry points -----------------------------------------------------------------------
-    def forward(self, data: list, seed: np.ndarray):
-        """Returns (outputs, saved): outputs = [hidden] or [loss, logits] on the last stage."""
+    def forward_check(self, data: list) -> None:
+        """Raise ArtifactError if a data input's shape or dtype differs from the bundle's."""
         m = self.manifest
         for meta, a in zip(m.data_inputs, data, strict=True):
             if isinstance(a, np.ndarray) and (a.shape != meta.shape or a.dtype != np.dtype(meta.dtype)):
                 raise ArtifactError(
                     f"stage {m.index}: input {meta.name} has shape {a.shape} {a.dtype}, the bundle "
                     f"was compiled for {meta.shape} {meta.dtype}; pad/truncate the batch or recompile")
+
+    def forward(self, data: list, seed: np.ndarray):
+        """Returns (outputs, saved): outputs = [hidden] or [loss, logits] on the last stage."""
+        m = self.manifest
+        self.forward_check(data)
         args = [to_dev(a) if isinstance(a, np.ndarray) else a for a in data]
         r = self._fns["stage_forward"](*args, to_dev(seed), *self.params)
         n_out = len(m.outputs)
         return list(r[:n_out]), list(r[n_out:])
+
+    def loss(self, data: list) -> tuple:
+        """(loss, logits) of a whole-model bundle with dropout off, through its forward-only
+        `stage_loss` entry (no saved activations); bundles without it use stage_forward."""
+        if "stage_loss" not in self._fns:
+            outs, _ = self.forward(data, np.array([1, 0], np.int64))
+            return outs[0], outs[1]
+        self.forward_check(data)
+        r = self._fns["stage_loss"](*[to_dev(a) for a in data], *self.params)
+        return r[0], r[1]
 
     def backward(self, saved: list, dout, seed: np.ndarray):
         """Returns (dinput or None, grads)."""

@@ -190,5 +190,12 @@ def test_flatten_roundtrip_and_trainable_sets():
              "encoder.layer.0.attention.self.qkv.bias", "pooler.dense.weight", "classifier.weight"]
     assert trainable_names(names, "bitfit") == [names[0], names[2], names[4]]
     assert trainable_names(names, "head") == ["classifier.weight"]
-    with pytest.raises(ConfigError, match="bitfit"):
+    with pytest.raises(ConfigError, match="needs a bundle compiled with LoRA factors"):
         trainable_names(names, "lora")
+    with pytest.raises(ConfigError, match="use 'bitfit', 'head', 'lora'"):
+        trainable_names(names, "prefix")
+    lora = [*names, "encoder.layer.0.attention.self.qkv.lora_A",
+            "encoder.layer.0.attention.self.qkv.lora_B"]
+    # LoRA-FA: B and the head; A only with lora_ab (dL/dA = 0 while B = 0)
+    assert trainable_names(lora, "lora") == [names[4], lora[-1]]
+    assert trainable_names(lora, "lora_ab") == [names[4], *lora[-2:]]
