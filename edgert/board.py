@@ -13,8 +13,10 @@ Requests (C = controller; every reply carries body.ref_seq = the request's seq)
     profile               -> profile {cores, memory, rss, peak_rss, budget, runtime, modules}
     deploy_begin/_chunk   -> nothing, or ERROR;  deploy_end -> ok {name, sha256, bytes}
     load {bundle, stage, n_stages, n_mb, group, mode, schedule (CSV), run,
-          peers {board: endpoint}, prev, next (board names)}
-                          -> ok {footprint, in_flight}; refuses a bundle over the budget first
+          peers {board: endpoint}, prev, next (board names),
+          head_split_k, head_split_retune (head-split bundles: docs/head_split.md)}
+                          -> ok {footprint, in_flight, head_split}; refuses a bundle over the
+                             budget first
     batch / act / grad    -> nothing (queued for the step that needs them)
     step {seeds, hyper}   -> ok {step, losses, stats} when this board's timeline has run
     state {op: get|set, what: params|optim}  -> state (tensors) / ok
@@ -46,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from edgert import head_split_exec as hsx
 from edgert.artifact import Manifest, load_manifest
 from edgert.errors import BoardError, ProtocolError, ScheduleError, TransportError
 from edgert.executor import Inbox, OptimizerState, StepContext, StepPlan, StepRun, to_numpy
@@ -160,7 +163,7 @@ class Board:
         self.t = transport
         self.clock = clock
         self.live: Liveness[Peer] = Liveness(cfg.heartbeat_s, cfg.liveness)
-        self.reasm = Reassembler()
+        self.reasm = Reassembler(spool_dir=cfg.workdir)   # chunks go straight to disk
         self.inbox = Inbox()
         self.loaded: _Loaded | None = None
         self.running: _Running | None = None
@@ -250,7 +253,8 @@ class Board:
                 **memory_stats(), "budget": self.cfg.budget_bytes,
                 "compute_s": last.get("compute_s"), "wait_s": last.get("wait_s"),
                 "step_s": last.get("seconds"), "queue": len(self.inbox), "errors": s.errors,
-                "last_error": s.last_errors[-1] if s.last_errors else None}
+                "last_error": s.last_errors[-1] if s.last_errors else None,
+                "head_split": hsx.report()}
 
     def publish_telemetry(self) -> None:
         """Push one record now and restart the interval (a failure is logged, never raised)."""
@@ -304,7 +308,7 @@ class Board:
                 "threads": self.cfg.threads, **memory_stats(), "budget": self.cfg.budget_bytes,
                 "runtime": rt, "modules": loaded_modules(),
                 "stage": None if self.loaded is None else self.loaded.ctx.stage,
-                "backends": self.backends()}
+                "backends": self.backends(), "head_split": hsx.report()}
 
     def backends(self) -> dict[str, Any]:
         """Probed once, in a child process, on first use (see edgert/backends.py)."""
@@ -328,11 +332,16 @@ class Board:
             return
         path = self.cfg.workdir / done.name
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(done.data)
-        tmp.replace(path)
+        if done.path is not None:             # spooled chunk by chunk (workdir/<name>.part)
+            size = done.path.stat().st_size
+            done.path.replace(path)
+        else:
+            size = len(done.data)
+            tmp = path.with_name(path.name + ".part")
+            tmp.write_bytes(done.data)
+            tmp.replace(path)
         self.reply(peer, Kind.OK, msg.header.seq,
-                   {"name": done.name, "sha256": done.sha256, "bytes": len(done.data)})
+                   {"name": done.name, "sha256": done.sha256, "bytes": size})
 
     def _load(self, peer: Peer, msg: Message) -> None:
         b = msg.header.body
@@ -350,11 +359,15 @@ class Board:
         line = schedule[stage]
         fp = check_budget(m, max_in_flight(schedule, stage), self.cfg.budget_bytes,
                           f"board {self.cfg.name}")
+        split_opts = hsx.SplitOptions.from_body(m, b)   # bad options fail before any change
         from edgert.runtime import TvmStage   # only now: a refused bundle never loads TVM
 
         self.loaded = None                    # free the previous stage first
         self.running = None
+        hsx.install(None)                     # and its head-split workers
         st = TvmStage.load(bundle, threads=self.cfg.threads, verify=False, block_torch=True)
+        split = None if split_opts is None else hsx.start_for_stage(
+            bundle, m, split_opts, board=self.cfg.name, threads=self.cfg.threads)
         peers = peer_addresses(b.get("peers", {}))
         for link, addr in peers.items():
             self.t.connect(link, addr)    # link name = the peer board's name = its key name
@@ -363,7 +376,8 @@ class Board:
         self.loaded = _Loaded(st, line, ctx, OptimizerState(st), fp, bundle.name,
                               str(b.get("mode", "sync")))
         self.inbox = Inbox()
-        self.reply(peer, Kind.OK, msg.header.seq, {"footprint": fp, **memory_stats()})
+        self.reply(peer, Kind.OK, msg.header.seq, {"footprint": fp, "head_split": split,
+                                                   **memory_stats()})
 
     def _bundle_dir(self, name: Any) -> Path:
         if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
@@ -457,7 +471,7 @@ class Board:
                 "last_errors": list(s.last_errors), "step_s": list(s.step_s),
                 "compute_s": list(s.compute_s), "queue_depth": len(self.inbox),
                 "running": None if self.running is None else self.running.run.blocked_on,
-                **memory_stats()}
+                "head_split": hsx.report(), **memory_stats()}
 
     def _stats(self, peer: Peer, msg: Message) -> None:
         self.reply(peer, Kind.STATS, msg.header.seq, self.stats_body())
