@@ -26,7 +26,6 @@ import numpy as np
 
 from edgert.errors import BoardError
 
-SHARD_KEYS = ("input_ids", "attention_mask", "labels")
 # Forward-only entry of whole-model bundles: stage_loss(*data, *params) -> (loss, logits), dropout
 # off and no saved activations (compiler/stage.py; docs/fwdgrad.md "Memory").
 STAGE_LOSS = "stage_loss"
@@ -54,25 +53,29 @@ class ForwardClient:
         self.index = {t.name: i for i, t in enumerate(m.params)}
         self.batch = int(m.stage["batch"])
         self.seq = int(m.stage["seq"])
+        # the bundle's data inputs, in order: BERT input_ids, token_type_ids, attention_mask,
+        # labels [B]; a decoder input_ids, attention_mask, labels [B, T]
+        self.data_names = [t.name for t in m.data_inputs]
         self.shard: dict[str, np.ndarray] | None = None
         self.evals = 0                        # forward passes run
 
     # ---- data -----------------------------------------------------------------------------------
     def set_shard(self, arrays: Mapping[str, np.ndarray]) -> int:
         """Keep this client's training shard (rows = sentences); returns its row count."""
-        missing = [k for k in SHARD_KEYS if k not in arrays]
+        need = [k for k in self.data_names if k != "token_type_ids"]
+        missing = [k for k in need if k not in arrays]
         if missing:
-            raise BoardError(f"fwdgrad shard: missing tensors {missing}; send input_ids, "
-                             f"attention_mask, labels (and optionally token_type_ids)")
+            raise BoardError(f"fwdgrad shard: missing tensors {missing}; this bundle takes "
+                             f"{', '.join(self.data_names)} (token_type_ids optional)")
         ids = np.asarray(arrays["input_ids"])
         n = ids.shape[0]
         if ids.ndim != 2 or ids.shape[1] != self.seq or n < self.batch:
             raise BoardError(f"fwdgrad shard: input_ids has shape {ids.shape}; the bundle takes "
                              f"sequences of {self.seq} tokens and at least {self.batch} rows")
-        tt = arrays.get("token_type_ids")
-        shard = {"input_ids": ids, "attention_mask": np.asarray(arrays["attention_mask"]),
-                 "token_type_ids": np.zeros_like(ids) if tt is None else np.asarray(tt),
-                 "labels": np.asarray(arrays["labels"])}
+        shard = {k: np.asarray(arrays[k]) for k in need}
+        if "token_type_ids" in self.data_names:
+            tt = arrays.get("token_type_ids")
+            shard["token_type_ids"] = np.zeros_like(ids) if tt is None else np.asarray(tt)
         for k, a in shard.items():
             if a.shape[0] != n:
                 raise BoardError(f"fwdgrad shard: {k} has {a.shape[0]} rows, input_ids {n}")
@@ -96,8 +99,7 @@ class ForwardClient:
         """Mean loss over full batches at the current parameters, dropout off."""
         total = 0.0
         for b in batches:
-            data = [b["input_ids"], b["token_type_ids"], b["attention_mask"], b["labels"]]
-            lossv, _ = self.stage.loss(data)     # stage_loss: no saved activations
+            lossv, _ = self.stage.loss([b[k] for k in self.data_names])     # stage_loss: no saved activations
             total += float(np.from_dlpack(lossv)[0])
             self.evals += 1
         return total / len(batches)
