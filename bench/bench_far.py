@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_far.py                        # ~5-10 min on 2 busy cores
     .venv/bin/python bench/bench_far.py --steps 40 --eval 512  # quicker
+    .venv/bin/python bench/bench_far.py --sweep 32,64,128      # + the sequence-length sweep
 
 One process, one stage (every layer), batch 8 x 64 tokens, dropout on. The full run primes for
 5% of the steps; FAR (top-L1 learners) and the random control then start from that same primed
@@ -10,7 +11,10 @@ state (weights + AdamW moments) and all three train on the *same* batches, their
 times and their ratios, per-step paired ratios, a forward / backward / optimizer breakdown, held-out
 accuracy after equal steps, and memory: the stage's training-state bytes from the manifests
 (params, grads, AdamW moments, saved activations) and the peak RSS of a fresh process per mode.
-Results: bench/results/far.json.
+Then a sweep over sequence lengths (default 32, 64, 128; step times only): full vs FAR vs FAR with
+the word embedding frozen too, interleaved from one primed state per length, with the breakdown,
+the cost of the embedding backward kernel alone and the real token lengths of the dataset.
+Results: bench/results/far.json (the top-level keys are the primary setting, batch 8 x 64).
 """
 
 from __future__ import annotations
@@ -129,6 +133,90 @@ def _frozen_share(pipe) -> float:
     return 1 - sum(t.nbytes for t in m.trainable) / total
 
 
+WORD = "embeddings.word_embeddings.weight"
+
+
+def _token_lengths(model) -> dict:
+    """Real token counts of the training sentences (untruncated, at 512): how much padding each
+    compiled length carries."""
+    from control.data import Tokenizer, load_rotten_tomatoes
+
+    texts, _ = load_rotten_tomatoes()
+    n = Tokenizer(model.path / "tokenizer.json").encode(texts, 512)["attention_mask"].sum(1)
+    return {"median": float(np.median(n)), "p90": float(np.percentile(n, 90)),
+            "max": int(n.max()), **{f"share_truncated_at_{t}": float((n > t).mean())
+                                    for t in (32, 64, 128)}}
+
+
+def _embed_bwd_ms(model, batch: int, seq: int) -> float:
+    """ms of the embedding backward kernel alone (the dense [V, D] word-embedding gradient, zeroed
+    and scattered, plus the position/type gradients): what a stage with the word embedding
+    frozen still computes and discards (compiler/stage.py `_embed_bwd`)."""
+    from compiler.arch import get_arch
+    from compiler.kernels.embed import build_embed_bwd
+    from compiler.tuning import Measurer
+
+    d = model.dims
+    meas = Measurer(get_arch("host"), min_runs=5)
+    f = build_embed_bwd(batch, seq, d.vocab, d.hidden, d.max_pos, d.type_vocab)
+    rng = np.random.default_rng(0)
+    ins = [rng.integers(0, d.vocab, (batch, seq)), np.zeros((batch, seq), np.int64),
+           rng.standard_normal((batch * seq, d.hidden)).astype(np.float32)]
+    return 1000 * meas.time(meas.compile(f), meas.args(f, 3, ins))
+
+
+def _interleaved(pipes: dict, batches, opt) -> dict[str, list[float]]:
+    """Train every pipeline on the same batches, the order rotating each step; seconds per step."""
+    names = list(pipes)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for s, b in enumerate(batches):
+        r = s % len(names)
+        for k in names[r:] + names[:r]:
+            t0 = time.perf_counter()
+            pipes[k].train_step([b], opt)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def _sweep(model, plan, a: argparse.Namespace) -> dict:
+    """Per sequence length: full vs FAR vs FAR + frozen word embedding, step times interleaved
+    (each from one primed full state), the breakdown and the embedding backward's cost."""
+    from control.data import iterate_batches
+    from control.far import switch_to_far
+    from control.job import compile_bundles, rotten_tomatoes_batches
+    from control.local import LocalPipeline, OptimConfig
+
+    out = {}
+    for seq in a.sweep:
+        ck = {"stages": 1, "batch": a.batch, "seq": seq, "configs": {}}
+        where = BUILD / f"sweep{seq}"
+        full = LocalPipeline(compile_bundles(model, where / "full", progress=False, **ck))
+        enc, y, _ = rotten_tomatoes_batches(model.path / "tokenizer.json", seq, a.batch, a.batch, 0)
+        it = iterate_batches(enc, y, a.batch, 0, 0)
+        batches = [next(it)[1].as_dict() for _ in range(a.sweep_steps + 1)]
+        opt = OptimConfig(lr=a.lr)
+        full.train_step([batches[0]], opt)             # primed: every moment exists
+        pipes = {"full": full,
+                 "far_l1": switch_to_far(full, model, plan, where / "far", **ck),
+                 "far_l1_frozen_emb": switch_to_far(full, model, plan, where / "far_emb",
+                                                    freeze=(WORD,), **ck)}
+        load = os.getloadavg()
+        times = _interleaved(pipes, batches[1:], opt)
+        med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        out[str(seq)] = {
+            "step_ms_median": med,
+            "step_time_ratio_vs_full": {k: med[k] / med["full"] for k in med if k != "full"},
+            "paired_step_ratio_median": {
+                k: statistics.median(np.array(times[k]) / np.array(times["full"]))
+                for k in times if k != "full"},
+            "breakdown_ms": _breakdown(pipes, batches[1], a.reps),
+            "embed_bwd_ms": _embed_bwd_ms(model, a.batch, seq),
+            "loadavg": load, "steps": a.sweep_steps}
+        print(f"  seq {seq}: {out[str(seq)]['step_time_ratio_vs_full']}", file=sys.stderr)
+        del pipes, full
+    return out
+
+
 def run(a: argparse.Namespace) -> dict:
     from bench.bench_pipeline import machine_info
     from control.data import iterate_batches
@@ -159,6 +247,8 @@ def run(a: argparse.Namespace) -> dict:
                                  FarConfig(retention=a.retention, selection=sel))
         t0 = time.perf_counter()
         pipes[f"far_{sel}"] = switch_to_far(full, model, plan, BUILD / f"far_{sel}", **ck)
+        if sel == "l1":
+            plan_l1 = plan
         compile_far.append(time.perf_counter() - t0)
         if sel == "l1" and a.frozen_embeddings:   # FAR + the word embedding frozen too
             pipes["far_l1_frozen_emb"] = switch_to_far(
@@ -214,7 +304,14 @@ def run(a: argparse.Namespace) -> dict:
                        if "far_l1_frozen_emb" in pipes else None),
         "ffn_weight_grad_gflop_per_step": ffn_dw / 1e9,
         "compile_seconds": {"full": compile_full, "far": compile_far},
+        "token_lengths": _token_lengths(model),
     }
+    if a.sweep:
+        pipes.clear()                                 # free the primary pipelines first
+        full = None
+        res["seq_sweep"] = _sweep(model, plan_l1, a)
+        res["settings"]["sweep"] = {"seqs": a.sweep, "steps": a.sweep_steps,
+                                    "order": "interleaved, rotating; one process, one stage"}
     res["goal"] = {"step_time_ratio_le_0.7": res["step_time_ratio_vs_full"] <= 0.7,
                    "accuracy_drop_le_1_point": res["accuracy_drop_points"] <= 1.0}
     return res
@@ -233,18 +330,26 @@ def main() -> int:
                         "parameters frozen' operating point; MiniLM's word embedding is 52%%)")
     p.add_argument("--eval", type=int, default=1024, help="held-out sentences")
     p.add_argument("--reps", type=int, default=8, help="breakdown repetitions per mode")
+    p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",") if x],
+                   default=[32, 64, 128],
+                   help="sequence lengths of the step-time sweep (full vs FAR vs FAR + frozen "
+                        "word embedding); '' to skip")
+    p.add_argument("--sweep-steps", type=int, default=16, help="interleaved steps per length")
+    p.add_argument("--out", type=Path, default=OUT, help="results file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rss_child:
         _rss_child(a.rss_child, a.batch, a.seq)
         return 0
     res = run(a)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=1))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1))
     keys = ("step_ms_median", "step_time_ratio_vs_full", "random_step_time_ratio_vs_full",
             "paired_step_ratio_median", "one_layer_ms", "accuracy", "accuracy_drop_points",
             "random_accuracy_drop_points", "peak_rss_mib", "memory_ratio_vs_full", "goal")
     print(json.dumps({k: res[k] for k in keys}, indent=1))
+    for seq, r in res.get("seq_sweep", {}).items():
+        print(f"seq {seq}: step ms {r['step_ms_median']}, ratio {r['step_time_ratio_vs_full']}")
     return 0
 
 

@@ -51,8 +51,12 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def load(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(params, AdamW moments as {"m/<name>", "v/<name>"}) merged over every stage file."""
+    def load(self, dense: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(params, AdamW moments as {"m/<name>", "v/<name>"}) merged over every stage file.
+
+        A checkpoint of FAR stages (meta "far": the plan, docs/far.md) stores their layout; with
+        `dense` its params come back in the model's dense layout (the moments stay as stored:
+        frozen FFN parts have none)."""
         from safetensors.numpy import load_file
 
         params: dict[str, np.ndarray] = {}
@@ -60,6 +64,11 @@ class Checkpoint:
         for f in self.meta["files"]:
             for k, v in load_file(str(self.path / f)).items():
                 (opt if k.startswith(("m/", "v/")) else params)[k] = v
+        if dense and self.meta.get("far"):
+            from compiler.far import restore
+            from control.far_run import plan_of
+
+            params = restore(params, plan_of(self.meta))
         return params, opt
 
 

@@ -95,6 +95,7 @@ class LocalCluster:
         self.timeout = timeout                  # s per request
         self.run_seed = run_seed
         self.step = 0
+        self.load_replies: dict[str, dict[str, Any]] = {}   # board -> its last LOAD reply body
         self.n_mb = 0
         self.mode = "sync"
         self.group = 0
@@ -246,8 +247,13 @@ class LocalCluster:
 
     # ---- deploy ---------------------------------------------------------------------------------
     def deploy(self, bundle_dirs: list[Path | str], *, micro_batches: int = 2, mode: str = "sync",
-               update_every: int | None = None, check_memory: bool = True) -> None:
+               update_every: int | None = None, check_memory: bool = True,
+               load_options: dict[str, Any] | None = None) -> None:
         """Upload stage i to board i, then LOAD it with its row of the schedule.
+
+        load_options: extra LOAD body fields for every board, e.g. {"head_split_k": 6} or
+        {"head_split_retune": True} (docs/head_split.md). The LOAD replies (footprint, the tuned
+        head split) are kept in `self.load_replies` by board name.
 
         sync: 1F1B with a flush over `micro_batches` per step. async: PipeDream-2BW over a run
         of `micro_batches` in total (one `train_async` call), a STEP every `update_every`.
@@ -279,9 +285,11 @@ class LocalCluster:
             body = {"bundle": f"stage{i}", "stage": i, "n_stages": k, "n_mb": micro_batches,
                     "group": self.group, "mode": mode, "schedule": csv, "run": "r",
                     "peers": peers, "prev": self.boards[i - 1].name if i > 0 else None,
-                    "next": self.boards[i + 1].name if i < k - 1 else None}
+                    "next": self.boards[i + 1].name if i < k - 1 else None,
+                    **(load_options or {})}
             wanted.add((b.name, self.send(b, Kind.LOAD, body=body)))
-        self.collect(wanted)
+        got = self.collect(wanted)
+        self.load_replies = {name: dict(m.header.body) for (name, _), m in got.items()}
 
     def upload(self, b: BoardProc, bundle: Path, name: str) -> None:
         """Upload a bundle directory to board `b` as `name` (no LOAD; forward-gradient clients

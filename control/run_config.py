@@ -10,6 +10,9 @@ A run.toml holds flat keys, any subset of the fields below; the rest keep their 
     micro_batches = 2
     seq = 64
     checkpoint_every = 10
+
+    [far]                   # optional: FAR fine-tuning of the FFNs (docs/far.md)
+    retention = 0.4         # -> far_retention (0 = off); priming -> far_priming, selection -> ...
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class RunConfig:
     replan_drift, replan_patience : re-plan live when a board runs this many times slower (or
         faster) than planned, relative to the others, for this many consecutive steps (0 = off;
         see [Note: speed drift] in control/replan.py)
+    far_retention, far_priming, far_selection : FAR (docs/far.md): after `far_priming` of the
+        steps, train only this share of each FFN's nodes ("l1": those that moved most; "random");
+        0 = off. In run.toml also as a `[far]` table with keys retention, priming, selection.
 
     Examples
     --------
@@ -85,6 +91,9 @@ class RunConfig:
     export_hf: bool = True
     replan_drift: float = 0.0
     replan_patience: int = 3
+    far_retention: float = 0.0
+    far_priming: float = 0.05
+    far_selection: str = "l1"
 
     def __post_init__(self) -> None:
         positive = ("boards", "steps", "batch", "micro_batches", "seq", "checkpoint_every",
@@ -114,6 +123,15 @@ class RunConfig:
         if type(self.replan_patience) is not int or self.replan_patience < 1:
             raise ConfigError(f"run config: replan_patience must be an integer >= 1, got "
                               f"{self.replan_patience!r}")
+        if not isinstance(self.far_retention, int | float) or not 0 <= self.far_retention < 1:
+            raise ConfigError(f"run config: far retention must be in (0, 1) (learner FFN nodes / "
+                              f"all), or 0 for off; got {self.far_retention!r}, e.g. 0.4")
+        if not isinstance(self.far_priming, int | float) or not 0 < self.far_priming < 1:
+            raise ConfigError(f"run config: far priming must be a share of the steps in (0, 1), "
+                              f"got {self.far_priming!r}, e.g. 0.05")
+        if self.far_selection not in ("l1", "random"):
+            raise ConfigError(f"run config: far selection must be 'l1' or 'random', got "
+                              f"{self.far_selection!r}")
         if self.mode != "sync":
             raise ConfigError(f"run config: mode {self.mode!r} is not supported by runs; use "
                               f"'sync' (async 2BW has no consistent step boundary to checkpoint)")
@@ -140,6 +158,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "run config") -> RunConfig:
         known = {f.name for f in fields(cls)}
+        d = _flatten_far(d, where)
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
@@ -173,3 +192,20 @@ class RunConfig:
 
     def replace(self, **kw: Any) -> RunConfig:
         return dataclasses.replace(self, **kw)
+
+
+def _flatten_far(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """A run.toml `[far]` table -> the flat far_* keys."""
+    if "far" not in d:
+        return d
+    far = d["far"]
+    if not isinstance(far, dict):
+        raise ConfigError(f"{where}: far must be a table such as `[far]` then `retention = 0.4`, "
+                          f"got {far!r}")
+    bad = sorted(set(far) - {"retention", "priming", "selection"})
+    if bad:
+        raise ConfigError(f"{where}: unknown keys {bad} in [far]; known: priming, retention, "
+                          f"selection")
+    out = {k: v for k, v in d.items() if k != "far"}
+    out.update({f"far_{k}": v for k, v in far.items()})
+    return out

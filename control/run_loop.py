@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from control import checkpoint as ckpt
+from control import far_run
 from edgert.errors import BoardError, TransportError
 
 if TYPE_CHECKING:
@@ -131,6 +132,8 @@ def _loop(run: Run, job: Job) -> None:
             run._set_state("stopping" if run._stop.is_set() else "running")
             continue
         try:
+            if far_run.maybe_switch(run, job):      # FAR after priming ([Note: FAR in runs])
+                continue
             one_step(run, job)
             high = max(high, run.step)
             after_step(run, job)
@@ -208,19 +211,17 @@ def deploy(run: Run, job: Job, ranges: list[tuple[int, int]], reason: str,
     """Compile (from the cache when possible) and load `ranges` on the first boards; then load
     checkpoint `c`, or the live `state` (params, AdamW moments, step) of a migration, or start
     from the bundles' initial weights at step 0. Returns the seconds each part took."""
-    from control.job import compile_bundles
+    from control.far_run import stage_bundles, to_far_layout
 
     t0 = time.perf_counter()
     split = ",".join(f"{a}:{b}" for a, b in ranges)
-    where = run.dir / "bundles" / split.replace(":", "-").replace(",", "_")
-    bundles = compile_bundles(job.model, where, split=split, batch=job.batch,
-                              seq=int(run.config.seq), progress=False)
+    bundles = stage_bundles(run, job, split, c, state is None)   # dense or FAR (docs/far.md)
     t1 = time.perf_counter()
     run.cluster.deploy(bundles, micro_batches=job.micro_batches)
     t2 = time.perf_counter()
     if c is not None:
         params, opt = c.load()
-        state = (params, opt, c.step)
+        state = (to_far_layout(run, params), opt, c.step)
     if state is not None:
         run.cluster.load_state(*state)
     t3 = time.perf_counter()
@@ -251,7 +252,7 @@ def checkpoint(run: Run, params: dict[str, np.ndarray], opt: dict[str, np.ndarra
                     "next_step": run.step + 1},
             "plan": {"ranges": [list(r) for r in run.ranges],
                      "boards": [b.name for b in run.cluster.stages]},
-            "config": cfg.to_dict()}
+            "config": cfg.to_dict(), **far_run.checkpoint_meta(run)}
     c = ckpt.write(run.checkpoint_dir, run.step, names, params, opt, meta,
                    keep=cfg.keep_checkpoints)
     run.events.emit("checkpoint", step=run.step, path=str(c.path),
@@ -272,6 +273,8 @@ def evaluate(run: Run, job: Job, params: dict[str, np.ndarray] | None) -> None:
 
 
 def board_events(run: Run) -> None:
+    from edgert.head_split_exec import second_backend_heads
+
     c, budget = run.cluster, run.config.budget_mib or None
     for i, b in enumerate(c.boards):
         st = c.stats(i)
@@ -279,7 +282,8 @@ def board_events(run: Run) -> None:
         run.events.emit("board", name=b.name, stage=i if i < len(c.stages) else None,
                         rss_mib=st["rss"] / 2**20, peak_rss_mib=st["peak_rss"] / 2**20,
                         budget_mib=budget, compute_s=comp[-1], queue=st.get("queue_depth"),
-                        errors=st.get("errors"), alive=True, pid=b.proc.pid)
+                        errors=st.get("errors"), alive=True, pid=b.proc.pid,
+                        head_split=second_backend_heads(st.get("head_split")))
 
 
 # ---- recovery ---------------------------------------------------------------------------------
