@@ -2,6 +2,7 @@
 
     edgert train                       # the main job with every default (MiniLM-L6, Rotten Tomatoes, 2 stages)
     edgert train --stages 3 --steps 60 --seq 128
+    edgert train --peft adapter --adapter-size 16 --lr 5e-3   # or --peft lora|bitfit (docs/peft.md)
     edgert compile --stages 3 --target arm64 --out build/arm64
     edgert grads --model DIR --stages 2 --batch BATCH.npz --out OUT.npz
     edgert tune --budget 600                   # tune the kernels on this board (resumable)
@@ -13,7 +14,7 @@
     edgert run run.toml --out runs/night      # unattended run: checkpoints, recovery, report
     edgert resume runs/night                   # continue it (after Ctrl-C or a crash)
     edgert fwdgrad --clients 3 --rounds 20     # backprop-free federated fine-tuning (forward gradients)
-    edgert lm --stages 3 --lora 8 --prompt "Hello"   # SmolLM2 causal-LM fine-tune, perplexity, generation
+    edgert lm --boards 3 --lora 8 --prompt "Hello"   # SmolLM2 LoRA on 3 local boards, perplexity, generation
 
 Host commands import the compiler lazily; board commands never do.
 """
@@ -56,13 +57,25 @@ def _tuning(a: argparse.Namespace) -> dict:
 def cmd_train(a: argparse.Namespace) -> int:
     from control.job import finetune
 
+    if a.far is not None and a.peft:
+        raise ConfigError("--far and --peft are two different trainable sets: pass one of them")
+    if a.head_split and (a.far is not None or a.peft):
+        raise ConfigError("--head-split is available for full fine-tuning only for now: drop "
+                          "--head-split, or --far / --peft")
     if a.far is not None:
         return _train_far(a)
+    if a.peft or a.adapter_size is not None or a.lora_rank is not None or a.lora_alpha is not None:
+        return _train_peft(a)
     rep = finetune(model_dir=a.model, out_dir=a.out, stages=a.stages or (None if a.split else 2),
                    split=a.split, steps=a.steps, batch=a.batch, micro_batches=a.micro_batches,
                    seq=a.seq, lr=a.lr, eval_examples=a.eval_examples, seed=a.seed, threads=a.threads,
-                   boards=not a.in_process, **_tuning(a))
+                   boards=not a.in_process, head_split=a.head_split, **_tuning(a))
     print(rep.summary())
+    for b in rep.boards:
+        if b.get("head_split"):
+            hs = b["head_split"]
+            print(f"  {b['name']}: attention heads [0, {hs['k']}) on cpu0, [{hs['k']}, {hs['H']}) "
+                  f"on cpu1 ({hs['source']})")
     print(f"  report: {Path(a.out) / 'report.json'}; fine-tuned Hugging Face model: "
           f"{Path(a.out) / 'hf_model'}")
     return 0
@@ -94,7 +107,8 @@ def _fwdgrad_parser(sub) -> None:
     f.add_argument("--model", type=Path, default=None, help="Hugging Face BERT folder")
     f.add_argument("--clients", type=int, default=3, help="local board processes (clients)")
     f.add_argument("--rounds", type=int, default=20)
-    f.add_argument("--method", choices=["bitfit", "head"], default="bitfit", help="trainable set")
+    f.add_argument("--method", choices=["bitfit", "head", "lora"], default="bitfit",
+                   help="trainable set (lora: LoRA B factors + head of a LoRA bundle)")
     f.add_argument("--non-iid", type=float, default=None, metavar="ALPHA",
                    help="label-skewed shards, Dirichlet alpha (default: IID)")
     f.add_argument("--k", type=int, default=8, help="perturbations per client and round")
@@ -115,16 +129,39 @@ def _fwdgrad_parser(sub) -> None:
     f.set_defaults(func=cmd_fwdgrad)
 
 
+def _train_peft(a: argparse.Namespace) -> int:
+    from control.peft_train import PeftConfig, finetune_peft
+
+    sizes = {"adapter": ("adapter_size",), "lora": ("lora_rank", "lora_alpha"), "bitfit": ()}
+    stray = [k for k in ("adapter_size", "lora_rank", "lora_alpha")
+             if getattr(a, k) is not None and k not in sizes.get(a.peft, ())]
+    if stray:
+        flag, want = "--" + stray[0].replace("_", "-"), stray[0].split("_")[0]
+        raise ConfigError(f"{flag} applies to --peft {want} only (got --peft {a.peft}): "
+                          f"add --peft {want} or drop {flag}")
+    peft = PeftConfig(a.peft, **{k: getattr(a, k) for k in sizes[a.peft]
+                                 if getattr(a, k) is not None})
+    rep = finetune_peft(peft=peft, model_dir=a.model, out_dir=a.out,
+                        stages=a.stages or (None if a.split else 2), split=a.split, steps=a.steps,
+                        batch=a.batch, micro_batches=a.micro_batches, seq=a.seq, lr=a.lr,
+                        eval_examples=a.eval_examples, seed=a.seed, threads=a.threads,
+                        boards=not a.in_process, **_tuning(a))
+    print(rep.summary())
+    print(f"  report: {Path(a.out) / 'report.json'}; fine-tuned Hugging Face model: "
+          f"{Path(a.out) / 'hf_model'}" + (" (+ adapters.safetensors)" if a.peft == "adapter"
+                                           else ""))
+    return 0
+
+
 def _train_far(a: argparse.Namespace) -> int:
     from control.far import FarConfig, finetune_far, summary
 
-    if not a.in_process:
-        raise ConfigError("--far runs in this process for now: add --in-process (docs/far.md)")
     cfg = _tuning(a)["configs"]
     rep = finetune_far(far=FarConfig(retention=a.far), model_dir=a.model, out_dir=a.out,
                        stages=a.stages or (None if a.split else 2), split=a.split, steps=a.steps,
                        batch=a.batch, micro_batches=a.micro_batches, seq=a.seq, lr=a.lr,
-                       eval_examples=a.eval_examples, seed=a.seed, threads=a.threads, configs=cfg)
+                       eval_examples=a.eval_examples, seed=a.seed, threads=a.threads, configs=cfg,
+                       boards=not a.in_process)
     print(summary(rep))
     print(f"  report: {Path(a.out) / 'report.json'}; plan: {rep['plan']}; fine-tuned Hugging Face "
           f"model: {Path(a.out) / 'hf_model'}")
@@ -137,7 +174,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     model = load_model(a.model, num_labels=a.num_labels)
     paths = compile_bundles(model, a.out, stages=a.stages, split=a.split, batch=a.batch, seq=a.seq,
                             target=a.target, dropout=not a.no_dropout, threads=a.threads,
-                            **_tuning(a))
+                            head_split=a.head_split, **_tuning(a))
     for p in paths:
         print(p)
     return 0
@@ -327,21 +364,53 @@ def cmd_resume(a: argparse.Namespace) -> int:
 def cmd_lm(a: argparse.Namespace) -> int:
     from control.decoder import finetune_lm
 
+    if a.fwdgrad:
+        return _lm_fwdgrad(a)
     r = finetune_lm(steps=a.steps, stages=a.stages, split=a.split, lora=a.lora, layers=a.layers,
-                    batch=a.batch, seq=a.seq, lr=a.lr, prompt=a.prompt,
+                    batch=a.batch, seq=a.seq, lr=1e-4 if a.lr is None else a.lr,
+                    micro_batches=a.micro_batches,
+                    boards=a.boards, threads=a.threads, prompt=a.prompt,
                     max_new_tokens=a.max_new_tokens, temperature=a.temperature, model=a.model,
                     out=a.out, seed=a.seed)
-    print(f"causal-LM fine-tuning, {r.steps} steps, compile {r.compile_s:.1f}s")
+    where = f"{len(r.boards)} local boards" if r.boards else "this process"
+    print(f"causal-LM fine-tuning, {r.steps} steps, stages {r.split} on {where}, "
+          f"compile {r.compile_s:.1f}s")
     print(f"  held-out perplexity {r.ppl_before:.2f} -> {r.ppl_after:.2f}")
     if r.losses:
         print(f"  train loss first/last {r.losses[0]:.4f} / {r.losses[-1]:.4f}; median step "
               f"{sorted(r.step_ms)[len(r.step_ms) // 2]:.0f} ms")
+    for b in r.boards:
+        print(f"  {b['name']}: stage {b['stage']}, peak RSS {b['peak_rss_mib']:.0f} MiB")
     print(f"  greedy:  {r.generation!r}\n  sampled: {r.sample!r}")
     return 0
 
 
+def _lm_fwdgrad(a: argparse.Namespace) -> int:
+    from control.decoder_fwdgrad import fwdgrad_lm
+
+    if a.stages != 1 or a.split:
+        raise ConfigError("--fwdgrad clients hold the whole model: drop --stages / --split")
+    r = fwdgrad_lm(clients=a.boards or 2, rounds=a.rounds, layers=a.layers, lora=a.lora or 8,
+                   batch=a.batch, seq=a.seq, k=a.k, lr=0.01 if a.lr is None else a.lr,
+                   seed=a.seed, out_dir=a.out, model=a.model)
+    print(f"forward-gradient LoRA, {r['clients']} board clients x {r['rounds']} rounds, "
+          f"{r['trainable']} trainable values, compile {r['compile_s']:.1f}s, "
+          f"train {r['train_s']:.1f}s")
+    print(f"  held-out perplexity {r['ppl_before']:.2f} -> {r['ppl_after']:.2f}")
+    print(f"  uplink {r['bytes_up']} bytes in all; peak RSS per board "
+          + ", ".join(f"{x:.0f}" for x in r["peak_rss_mib"]) + " MiB")
+    return 0
+
+
 def _lm_parser(sub) -> None:
-    m = sub.add_parser("lm", help="causal-LM fine-tuning of SmolLM2 (docs/decoder.md)")
+    m = sub.add_parser("lm", help="causal-LM fine-tuning of SmolLM2 (docs/decoder.md)",
+                       description="Fine-tune SmolLM2 (or a LLaMA GGUF/HF folder) on movie dialog "
+                       "through compiled decoder stages: held-out perplexity before/after, then a "
+                       "greedy and a sampled continuation. --boards N runs stage i on local board "
+                       "process i (edgert serve, CURVE ZeroMQ, 1F1B over --micro-batches); "
+                       "multi-stage runs need --lora R (the tied embedding/head gradient "
+                       "exchange for full fine-tuning is not implemented). Example: "
+                       "edgert lm --boards 3 --lora 8 --micro-batches 3 --steps 10")
     m.add_argument("--model", default=None, help="GGUF file or HF LLaMA folder (default SmolLM2)")
     m.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     m.add_argument("--stages", type=int, default=1)
@@ -350,7 +419,19 @@ def _lm_parser(sub) -> None:
     m.add_argument("--steps", type=int, default=20)
     m.add_argument("--batch", type=int, default=2)
     m.add_argument("--seq", type=int, default=32)
-    m.add_argument("--lr", type=float, default=1e-4)
+    m.add_argument("--lr", type=float, default=None,
+                   help="AdamW lr (default 1e-4); with --fwdgrad the server SGD lr (default 0.01)")
+    m.add_argument("--fwdgrad", action="store_true",
+                   help="backprop-free federated LoRA: --boards N clients (default 2) each run "
+                        "perturbed forward passes on their own text shard (docs/fwdgrad.md)")
+    m.add_argument("--rounds", type=int, default=20, help="--fwdgrad: federated rounds")
+    m.add_argument("--k", type=int, default=8, help="--fwdgrad: perturbations per client/round")
+    m.add_argument("--micro-batches", type=int, default=1,
+                   help="batches per optimizer step (pipelined 1F1B on boards)")
+    m.add_argument("--boards", type=int, default=0,
+                   help="run the stages on N local board processes (0 = in this process)")
+    m.add_argument("--threads", type=int, default=None,
+                   help="TVM threads per board (default: cores / boards)")
     m.add_argument("--prompt", default=None)
     m.add_argument("--max-new-tokens", type=int, default=8)
     m.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuation")
@@ -379,7 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every stage in this process instead of one local board process per stage")
     t.add_argument("--far", type=float, default=None, metavar="RETENTION",
                    help="FAR: after 5%% priming steps train only this share of each FFN's nodes "
-                        "(e.g. 0.4; needs --in-process; docs/far.md)")
+                        "(e.g. 0.4; on the boards, or with --in-process; docs/far.md)")
+    t.add_argument("--peft", choices=("bitfit", "lora", "adapter"), default=None,
+                   help="train only a parameter-efficient set (docs/peft.md): biases, LoRA "
+                        "factors on the QKV, or bottleneck adapters + LayerNorms (+ the head)")
+    t.add_argument("--adapter-size", type=int, default=None, help="--peft adapter: bottleneck "
+                   "size r (default 16)")
+    t.add_argument("--lora-rank", type=int, default=None, help="--peft lora: rank (default 8)")
+    t.add_argument("--lora-alpha", type=float, default=None, help="--peft lora: alpha (default 16)")
+    t.add_argument("--head-split", action="store_true",
+                   help="split every attention layer's heads over each board's two backends at "
+                        "the split the board tunes on load (docs/head_split.md)")
     _tuning_flags(t)
     t.set_defaults(func=cmd_train)
     _fwdgrad_parser(sub)
@@ -391,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-labels", type=int, default=2)
     c.add_argument("--target", default="host", help="host, arm64, mali or adreno")
     c.add_argument("--no-dropout", action="store_true")
+    c.add_argument("--head-split", action="store_true",
+                   help="attention through the board's head-split executor (docs/head_split.md)")
     c.add_argument("--out", type=Path, required=True)
     _tuning_flags(c)
     c.set_defaults(func=cmd_compile)
