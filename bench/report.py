@@ -124,8 +124,12 @@ def faults_line(f: dict) -> str:
 def far_table(a: dict) -> str:
     acc, st = a["accuracy"], a["settings"]
     rows = ["| | full fine-tuning | FAR (top-L1) | FAR (random nodes) |", "|---|---|---|---|",
-            f"| step time vs full (median) | 1 | **{a['step_time_ratio_vs_full']:.2f}** | "
+            f"| step time vs full (ratio of medians) | 1 | **{a['step_time_ratio_vs_full']:.2f}** | "
             f"{a['random_step_time_ratio_vs_full']:.2f} |",
+            *([f"| step time vs full (median of paired steps) | 1 | "
+               f"{a['paired_step_ratio_median']['far_l1']:.2f} | "
+               f"{a['paired_step_ratio_median']['far_random']:.2f} |"]
+              if "paired_step_ratio_median" in a else []),
             f"| held-out accuracy ({st['eval_examples']} sentences) | {100 * acc['full']:.1f}% | "
             f"{100 * acc['far_l1']:.1f}% | {100 * acc['far_random']:.1f}% |",
             f"| peak RSS (MiB) | {a['peak_rss_mib']['full']['peak_rss_mib']:.0f} | "
@@ -138,6 +142,13 @@ def far_table(a: dict) -> str:
                  f"of the parameters frozen, the paper's operating point is 60%): step time "
                  f"{fe['step_time_ratio_vs_full']:.2f}x of full, accuracy "
                  f"{-fe['accuracy_drop_points']:+.1f} points vs full.")
+    sweep = a.get("seq_sweep")
+    if sweep:
+        extra += (" Sequence-length sweep (paired step ratios vs full, FAR / FAR + frozen word "
+                  "embedding): " + ", ".join(
+                      f"T = {t}: {v['paired_step_ratio_median']['far_l1']:.2f} / "
+                      f"{v['paired_step_ratio_median']['far_l1_frozen_emb']:.2f}"
+                      for t, v in sweep.items()) + ".")
     goal = a.get("goal", {})
     return (f"FAR (`bench/bench_far.py`, `bench/results/far.json`; retention {st['retention']}, "
             f"{st['steps']} steps incl. {st['priming_steps']} priming, batch {st['batch']} x "
