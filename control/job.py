@@ -156,8 +156,6 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
     ZeroMQ on 127.0.0.1) in 1F1B pipeline order; otherwise all stages run in this process. Held-out
     evaluation and the export run in this process, on the weights the boards return.
     """
-    from control.data import iterate_batches
-
     if head_split and not boards:
         raise ConfigError("head split runs on board processes (each splits its attention over "
                           "its own backends); drop --in-process or --head-split")
@@ -173,15 +171,37 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
     train_enc, train_y, test_batches = rotten_tomatoes_batches(tok_file, seq, batch, eval_examples, seed)
     ranges = parse_split(split, stages, model.dims.layers)
     rep = TrainReport(steps, len(ranges), ranges, batch, micro_batches, seq, compile_seconds=compile_s)
+    train_and_evaluate(rep, pipe, bundles, train_enc, train_y, test_batches, lr=lr, seed=seed,
+                       threads=threads, boards=boards)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(asdict(rep), indent=1))
+    if export:
+        from compiler.export import export_hf
+
+        export_hf(out_dir / "hf_model", model.config, split_qkv(pipe.params()), model.path, 2,
+                  id2label=["negative", "positive"])
+    return rep
+
+
+def train_and_evaluate(rep: TrainReport, pipe: LocalPipeline, bundles: list[Path], train_enc,
+                       train_y, test_batches, *, lr: float, seed: int, threads: int | None,
+                       boards: bool, label: str = "train") -> None:
+    """Held-out metrics, `rep.steps` optimizer steps of `rep.micro_batches` x `rep.batch`
+    sentences, held-out metrics again, all recorded in `rep`. With `boards`, stage i trains on
+    local board process i and the trained weights and moments are loaded back into `pipe`
+    (which evaluates); otherwise `pipe` trains in this process."""
+    from control.data import iterate_batches
+
+    steps, batch = rep.steps, rep.batch
     loss, acc = pipe.evaluate(test_batches)
     rep.before = {"loss": loss, "accuracy": acc, "examples": len(test_batches) * batch}
     opt = OptimConfig(lr=lr, warmup_steps=max(1, steps // 10), total_steps=steps)
     it = iterate_batches(train_enc, train_y, batch, seed, 0)
 
     def run(trainer) -> None:
-        bar = _Progress(steps, "train")
+        bar = _Progress(steps, label)
         for _ in range(steps):
-            micro = [next(it)[1].as_dict() for _ in range(micro_batches)]
+            micro = [next(it)[1].as_dict() for _ in range(rep.micro_batches)]
             t = time.perf_counter()
             rep.losses.append(trainer.train_step(micro, opt))
             rep.step_seconds.append(time.perf_counter() - t)
@@ -195,7 +215,7 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
         per_board = max(1, (threads or len(os.sched_getaffinity(0))) // k)
         print(f"  starting {k} local boards ({per_board} thread(s) each) ...", file=sys.stderr)
         with LocalCluster(k, threads=per_board, run_seed=seed) as cluster:
-            cluster.deploy(bundles, micro_batches=micro_batches)
+            cluster.deploy(bundles, micro_batches=rep.micro_batches)
             run(cluster)
             for i, b in enumerate(cluster.stages):
                 st = cluster.stats(i)
@@ -207,14 +227,6 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
         run(pipe)
     loss, acc = pipe.evaluate(test_batches)
     rep.after = {"loss": loss, "accuracy": acc, "examples": len(test_batches) * batch}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(asdict(rep), indent=1))
-    if export:
-        from compiler.export import export_hf
-
-        export_hf(out_dir / "hf_model", model.config, split_qkv(pipe.params()), model.path, 2,
-                  id2label=["negative", "positive"])
-    return rep
 
 
 class _Progress:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from control.job import TrainReport, _Progress, load_model, rotten_tomatoes_batches
-from control.local import LocalPipeline, OptimConfig
+from control.job import TrainReport, load_model, rotten_tomatoes_batches, train_and_evaluate
+from control.local import LocalPipeline
 from edgert.errors import ConfigError
 
 PEFT_METHODS = ("bitfit", "lora", "adapter")
@@ -130,8 +129,6 @@ def finetune_peft(*, peft: PeftConfig, model_dir=None, out_dir: str | Path = "ru
     >>> rep = finetune_peft(peft=PeftConfig("adapter", adapter_size=16), lr=5e-3)  # doctest: +SKIP
     >>> print(rep.summary())                                                     # doctest: +SKIP
     """
-    from control.data import iterate_batches
-
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
     if layers is not None:
@@ -152,36 +149,8 @@ def finetune_peft(*, peft: PeftConfig, model_dir=None, out_dir: str | Path = "ru
     ranges = [(int(s.manifest.stage["first"]), int(s.manifest.stage["last"])) for s in pipe.stages]
     rep = TrainReport(steps, len(ranges), ranges, batch, micro_batches, seq,
                       compile_seconds=time.perf_counter() - t0)
-    loss, acc = pipe.evaluate(test)
-    rep.before = {"loss": loss, "accuracy": acc, "examples": len(test) * batch}
-    opt = OptimConfig(lr=lr, warmup_steps=max(1, steps // 10), total_steps=steps)
-    it = iterate_batches(train_enc, train_y, batch, seed, 0)
-
-    def run(trainer) -> None:
-        bar = _Progress(steps, f"train ({peft.method})")
-        for _ in range(steps):
-            micro = [next(it)[1].as_dict() for _ in range(micro_batches)]
-            t = time.perf_counter()
-            rep.losses.append(trainer.train_step(micro, opt))
-            rep.step_seconds.append(time.perf_counter() - t)
-            bar.update(f"loss {rep.losses[-1]:.4f}")
-        bar.close()
-
-    if boards:
-        from control.cluster import LocalCluster
-
-        per_board = max(1, (threads or len(os.sched_getaffinity(0))) // len(bundles))
-        with LocalCluster(len(bundles), threads=per_board, run_seed=seed) as cluster:
-            cluster.deploy(bundles, micro_batches=micro_batches)
-            run(cluster)
-            rep.boards = [{"name": b.name, "stage": i, "pid": b.proc.pid,
-                           "peak_rss_mib": cluster.stats(i)["peak_rss"] / 2 ** 20}
-                          for i, b in enumerate(cluster.stages)]
-            pipe.load_state(cluster.params(), cluster.optimizer_state(), steps)
-    else:
-        run(pipe)
-    loss, acc = pipe.evaluate(test)
-    rep.after = {"loss": loss, "accuracy": acc, "examples": len(test) * batch}
+    train_and_evaluate(rep, pipe, bundles, train_enc, train_y, test, lr=lr, seed=seed,
+                       threads=threads, boards=boards, label=f"train ({peft.method})")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps({**asdict(rep), "peft": asdict(peft)},
                                                     indent=1))
