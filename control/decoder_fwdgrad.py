@@ -45,7 +45,7 @@ def fwdgrad_lm(*, clients: int = 2, rounds: int = 20, layers: int | None = None,
     >>> rep["ppl_before"] > 0                                      # doctest: +SKIP
     True
     """
-    from control.federated import BoardClients, FwdGradRun, InProcessClients
+    from control.federated import FwdGradRun, run_clients
     from control.local import LocalPipeline
     from edgert.fwdgrad import ForwardClient
 
@@ -85,16 +85,8 @@ def fwdgrad_lm(*, clients: int = 2, rounds: int = 20, layers: int | None = None,
         return srv
 
     t0 = time.perf_counter()
-    if boards:
-        from control.cluster import LocalCluster
-
-        with LocalCluster(clients, threads=1, run_seed=seed) as cluster:
-            bc = BoardClients(cluster, bundle, shards)
-            srv = train(bc)
-            rep["peak_rss_mib"] = [x / 2 ** 20 for x in bc.peak_rss()]
-            rep["bytes_up"] = bc.bytes_up
-    else:
-        srv = train(InProcessClients(stage, shards))
+    srv, mem = run_clients(train, bundle, stage, shards, boards=boards, threads=1, seed=seed)
+    rep.update(mem)
     rep["train_s"] = round(time.perf_counter() - t0, 1)
     ForwardClient(stage).set_values(srv.values)
     rep["ppl_after"] = perplexity(pipe, held)

@@ -205,6 +205,23 @@ class FwdGradRun:
         return rec
 
 
+def run_clients(train: Any, bundle: Path | str, stage: Any, shards: Sequence[dict[str, np.ndarray]],
+                *, boards: bool, threads: int | None = 1, seed: int = 0
+                ) -> tuple[FwdGradRun, dict[str, Any]]:
+    """`train(clients) -> FwdGradRun` with one client per shard: local board processes
+    (`boards`; then also each board's peak RSS, memory by phase and uplink bytes) or
+    ForwardClients on `stage` in this process."""
+    if not boards:
+        return train(InProcessClients(stage, shards)), {}
+    from control.cluster import LocalCluster
+
+    with LocalCluster(len(shards), threads=threads, run_seed=seed) as cluster:
+        cl = BoardClients(cluster, bundle, shards)
+        srv = train(cl)
+        return srv, {"peak_rss_mib": [v / 2 ** 20 for v in cl.peak_rss()],
+                     "memory_phases": cl.memory, "bytes_up": cl.bytes_up}
+
+
 # ---- the job -------------------------------------------------------------------------------------
 def compile_lora_bundle(model: Any, out_dir: str | Path, *, batch: int, seq: int, rank: int = 8,
                         alpha: float = 16.0, seed: int = 0) -> Path:
@@ -319,16 +336,8 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
         return srv
 
     t0 = time.perf_counter()
-    if boards:
-        from control.cluster import LocalCluster
-
-        with LocalCluster(clients, threads=threads, run_seed=seed) as cluster:
-            cl = BoardClients(cluster, bundle, shards)
-            srv = run(cl)
-            rep["peak_rss_mib"] = [v / 2 ** 20 for v in cl.peak_rss()]
-            rep["memory_phases"] = cl.memory
-    else:
-        srv = run(InProcessClients(stage, shards))
+    srv, mem = run_clients(run, bundle, stage, shards, boards=boards, threads=threads, seed=seed)
+    rep.update(mem)
     rep["seconds"] = time.perf_counter() - t0
     rep["after"] = _eval(stage, base, srv.values, test)
     rep["log"] = [asdict(x) for x in srv.log]

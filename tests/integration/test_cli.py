@@ -70,3 +70,22 @@ def test_stage_refuses_wrong_batch_shape(tmp_path, real_batch, minilm_dir):
     pipe = LocalPipeline(paths)
     with pytest.raises(ArtifactError, match=r"input_ids has shape \(3, 16\).*compiled for \(2, 16\)"):
         pipe.grads(real_batch(3, 16))
+
+
+def test_fwdgrad_command_runs_clients_on_boards(tmp_path, capsys):
+    """`edgert fwdgrad` end to end on 2 board processes (the whole-model bundle of
+    test_fwdgrad_boards.py's shape, so the session's compile cache has it): 2 rounds of k = 4
+    perturbations each; the report logs each round, the boards' memory and a scalar uplink."""
+    import json
+
+    rc = main(["fwdgrad", "--clients", "2", "--rounds", "2", "--k", "4", "--batch", "2",
+               "--seq", "16", "--eval-examples", "8", "--method", "head",
+               "--out", str(tmp_path / "fg")])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "fg" / "report.json").read_text())
+    assert [r["round"] for r in rep["log"]] == [0, 1] and all(r["k"] == 4 for r in rep["log"])
+    assert all(np.isfinite(r["loss"]) for r in rep["log"])
+    assert len(rep["peak_rss_mib"]) == 2 and all(m > 0 for m in rep["peak_rss_mib"])
+    # uplink: k scalars per client and round, far below the 770 head values as float32 tensors
+    assert all(r["bytes_up"] < 2 * 4 * rep["trainable"] for r in rep["log"])
+    assert {"loss", "accuracy"} <= rep["after"].keys()
