@@ -159,7 +159,8 @@ def main() -> int:
         rep = fwdgrad_finetune(out_dir=work / name, clients=a.clients, rounds=a.rounds,
                                method=method, alpha=a.alpha, batch=a.batch, seq=a.seq,
                                rows_per_round=a.batch, eval_examples=a.eval, cfg=cfg,
-                               bundle=bundle, progress=True, eval_every=a.eval_every)
+                               bundle=bundle, progress=True, eval_every=a.eval_every,
+                               resume=False)   # a bench measures from round 0
         rep["examples"] = a.rounds * a.clients * a.batch
         _fg_summary(rep)
         res["runs"][name] = rep

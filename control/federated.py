@@ -264,7 +264,8 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
                      rows_per_round: int = 8, eval_examples: int = 128, seed: int = 0,
                      cfg: FwdGradConfig | None = None, boards: bool = True, threads: int = 1,
                      bundle: Path | str | None = None, progress: bool = True,
-                     eval_every: int = 0) -> dict[str, Any]:
+                     eval_every: int = 0, checkpoint_every: int = 5,
+                     resume: bool = True) -> dict[str, Any]:
     """Forward-gradient federated fine-tuning of the new head + a PEFT set on Rotten Tomatoes.
 
     Parameters
@@ -275,11 +276,18 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
     alpha : None = IID shards; > 0 = non-IID by label (Dirichlet alpha).
     cfg : forward-gradient settings (perturbations, variance threshold, sampler, eps, lr).
     bundle : a compiled whole-model bundle to reuse (else one is compiled under out_dir).
-    eval_every : > 0 adds held-out loss/accuracy every that many rounds to `curve`.
+    eval_every : > 0 adds held-out loss/accuracy every that many rounds to `curve` (round 0 and
+        the last round are always there).
+    checkpoint_every : save the server state to out_dir/checkpoints every that many rounds and
+        at the end (0 = never); out_dir/events.jsonl gets the run's events (control/fwdgrad_run).
+    resume : continue from the newest good checkpoint in out_dir/checkpoints, if there is one
+        (same settings required; `rounds` is the total, so rounds=4 after a 2-round run adds 2).
+        False deletes out_dir's checkpoints and events.jsonl first.
 
     Returns
     -------
-    dict: before/after held-out loss and accuracy, per-round logs, bytes, peak RSS per board.
+    dict: before/after held-out loss and accuracy, per-round logs, bytes, peak RSS per board
+    (also out_dir/report.json; out_dir/metrics.json and report.html come from events.jsonl).
 
     Examples
     --------
@@ -288,13 +296,19 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
     True
     """
     import json
-    import sys
+    import shutil
     from dataclasses import asdict
 
+    from control.events import EventLog
     from control.fwdgrad import trainable_names
+    from control.fwdgrad_run import drive
     from control.job import compile_bundles, load_model, rotten_tomatoes_batches
+    from control.run_report import metrics, render_html
     from edgert.runtime import TvmStage
 
+    if rounds < 1 or checkpoint_every < 0:
+        raise ConfigError(f"need rounds >= 1 and checkpoint_every >= 0 (0 = never), got {rounds} "
+                          f"and {checkpoint_every}")
     cfg = cfg or FwdGradConfig(seed=seed)
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
@@ -317,29 +331,44 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
                            "trainable": int(sum(base[n].size for n in names)),
                            "shard_sizes": [len(p) for p in parts],
                            "label_share": [float(np.mean(s["labels"])) for s in shards],
-                           "cfg": asdict(cfg), "before": _eval(stage, base, {}, test)}
+                           "cfg": asdict(cfg)}
+    settings = {k: rep[k] for k in ("clients", "method", "alpha", "batch", "seq",
+                                    "rows_per_round", "shard_sizes", "cfg")} | {"seed": seed}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:                     # afresh: an old run's checkpoints and events would mix in
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        (out_dir / "events.jsonl").unlink(missing_ok=True)
+    events = EventLog(out_dir / "events.jsonl")
 
     def run(cl: Any) -> FwdGradRun:
         srv = FwdGradRun(cl, names, {n: base[n] for n in names}, cfg, rows_per_round)
-        curve, train_s = rep.setdefault("curve", []), 0.0
-        if eval_every:
-            curve.append({"round": 0, "seconds": 0.0, **rep["before"]})
-        for r in range(rounds):
-            rec = srv.round(r)
-            train_s += rec.seconds             # rounds only: held-out evaluation is not counted
-            if eval_every and ((r + 1) % eval_every == 0 or r + 1 == rounds):
-                ev = _eval(stage, base, srv.values, test)
-                curve.append({"round": r + 1, "seconds": train_s, **ev})
-            if progress:
-                print(f"  round {r + 1}/{rounds}: k {rec.k} x {clients}, loss {rec.loss:.4f}, "
-                      f"rel.var {rec.rel_var:.0f}, {rec.seconds:.1f}s", file=sys.stderr)
+        stats, who = None, [f"client{c}" for c in range(len(shards))]
+        if isinstance(cl, BoardClients):
+            who = [b.name for b in cl.boards]
+
+            def _stats() -> list[dict[str, Any]]:
+                out = []
+                for i, b in enumerate(cl.boards):
+                    st = cl.c.stats(i)
+                    out.append({"name": b.name, "rss_mib": st["rss"] / 2 ** 20,
+                                "peak_rss_mib": st["peak_rss"] / 2 ** 20})
+                return out
+            stats = _stats
+        rep["curve"] = drive(srv, rounds=rounds, events=events,
+                             evaluate=lambda v: _eval(stage, base, v, test),
+                             ckpt_root=out_dir / "checkpoints", checkpoint_every=checkpoint_every,
+                             resume=resume, eval_every=eval_every, settings=settings,
+                             board_stats=stats, progress=progress, client_names=who)
         return srv
 
     t0 = time.perf_counter()
     srv, mem = run_clients(run, bundle, stage, shards, boards=boards, threads=threads, seed=seed)
     rep.update(mem)
     rep["seconds"] = time.perf_counter() - t0
-    rep["after"] = _eval(stage, base, srv.values, test)
+    curve = rep["curve"]
+    rep["before"] = {k: v for k, v in curve[0].items() if k not in ("round", "seconds")}
+    rep["after"] = ({k: v for k, v in curve[-1].items() if k not in ("round", "seconds")}
+                    if curve[-1]["round"] == rounds else _eval(stage, base, srv.values, test))
     rep["log"] = [asdict(x) for x in srv.log]
     grad_bytes = 4 * rep["trainable"]
     rep["bytes_per_round"] = {
@@ -347,6 +376,8 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
         "down_mean": float(np.mean([x.bytes_down for x in srv.log])),
         "up_if_gradient_tensors": grad_bytes * clients,            # bytes, PEFT gradients
         "up_if_full_gradients": 4 * sum(a.size for a in base.values()) * clients}
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
+    m = metrics(EventLog.read(out_dir / "events.jsonl"))        # the pipeline runs' views
+    (out_dir / "metrics.json").write_text(json.dumps(m, indent=1))
+    (out_dir / "report.html").write_text(render_html(m, title=f"edgert fwdgrad {out_dir.name}"))
     return rep

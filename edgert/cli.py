@@ -91,7 +91,9 @@ def cmd_fwdgrad(a: argparse.Namespace) -> int:
     rep = fwdgrad_finetune(model_dir=a.model, out_dir=a.out, clients=a.clients, rounds=a.rounds,
                            method=a.method, alpha=a.non_iid, batch=a.batch, seq=a.seq,
                            rows_per_round=a.rows or a.batch, eval_examples=a.eval_examples,
-                           seed=a.seed, cfg=cfg, boards=not a.in_process)
+                           seed=a.seed, cfg=cfg, boards=not a.in_process,
+                           checkpoint_every=a.checkpoint_every, resume=not a.no_resume,
+                           eval_every=a.eval_every)
     b, f = rep["before"], rep["after"]
     print(f"forward-gradient {a.method}: {a.rounds} rounds x {a.clients} clients, "
           f"{rep['trainable']} trainable values")
@@ -124,7 +126,16 @@ def _fwdgrad_parser(sub) -> None:
     f.add_argument("--rows", type=int, default=0, help="examples per client and round (default: batch)")
     f.add_argument("--eval-examples", type=int, default=128)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", type=Path, default=Path("runs/fwdgrad"))
+    f.add_argument("--out", type=Path, default=Path("runs/fwdgrad"),
+                   help="run directory: report.json, events.jsonl (the dashboard reads it), "
+                        "report.html, checkpoints/; if it holds a checkpoint the run resumes from it")
+    f.add_argument("--checkpoint-every", type=int, default=5, metavar="N",
+                   help="save the server state every N rounds and at the end (0 = never)")
+    f.add_argument("--no-resume", action="store_true",
+                   help="start afresh, deleting --out's checkpoints and events (default: "
+                        "resume; --rounds is the total, resuming needs the same other settings)")
+    f.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="held-out evaluation every N rounds (round 0 and the last always)")
     f.add_argument("--in-process", action="store_true", help="clients in this process, no boards")
     f.set_defaults(func=cmd_fwdgrad)
 
