@@ -16,6 +16,7 @@ from compiler.kernels import loss as L
 from compiler.kernels import norm as N
 from compiler.kernels import optim as O
 from compiler.kernels.common import keep_mask_numpy
+from tests.numeric_util import central_fd
 
 HOST = get_arch("host")
 TGT = HOST.tvm_target()
@@ -49,21 +50,6 @@ def _gelu_ref(x):
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
-def _fd(fun, x, eps=1e-6):
-    """Central finite differences of scalar fun(x) w.r.t. every entry of x (float64)."""
-    g = np.zeros_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + eps
-        fp = fun(x)
-        flat[k] = old - eps
-        fm = fun(x)
-        flat[k] = old
-        gf[k] = (fp - fm) / (2 * eps)
-    return g
-
-
 def _close(a, b, atol, rtol=0.0):
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=atol,
                                rtol=rtol)
@@ -88,7 +74,7 @@ def test_gelu_grad_fd_f64():
     w = rng.standard_normal((M, Nn))
     fwd = K(E.build_gelu(M, Nn, dtype="float64", arch=HOST), [((M, Nn), "float64")])
     bwd = K(E.build_gelu_bwd(M, Nn, dtype="float64", arch=HOST), [((M, Nn), "float64")])
-    fd = _fd(lambda x: float((fwd(x) * w).sum()), u.copy())
+    fd = central_fd(lambda x: float((fwd(x) * w).sum()), u.copy())
     _close(bwd(w, u), fd, atol=1e-7)
     # and float32 gradient vs the analytic float64 one
     du32 = K(E.build_gelu_bwd(M, Nn, arch=HOST), [((M, Nn), "float32")])(
@@ -152,7 +138,7 @@ def test_tanh_f32_and_fd_f64():
     w = rng.standard_normal((M, Nn))
     fwd = K(E.build_tanh_fwd(M, Nn, dtype="float64", arch=HOST), [((M, Nn), "float64")])
     bwd = K(E.build_tanh_bwd(M, Nn, dtype="float64", arch=HOST), [((M, Nn), "float64")])
-    fd = _fd(lambda z: float((fwd(z) * w).sum()), x.copy())
+    fd = central_fd(lambda z: float((fwd(z) * w).sum()), x.copy())
     _close(bwd(w, fwd(x)), fd, atol=1e-7)
 
 
@@ -270,10 +256,10 @@ def test_layernorm_bwd_fd_f64(p):
     _, xhat, rstd = fwd(x, r, gamma, beta, seed)
     res = bwd(w, xhat, rstd, gamma, seed)
     tol = 2e-7
-    _close(res[0], _fd(lambda z: loss(x, z, gamma, beta), r.copy()), atol=tol)  # d/d resid
-    _close(res[1], _fd(lambda z: loss(x, r, z, beta), gamma.copy()), atol=tol)
-    _close(res[2], _fd(lambda z: loss(x, r, gamma, z), beta.copy()), atol=tol)
-    dx_fd = _fd(lambda z: loss(z, r, gamma, beta), x.copy())
+    _close(res[0], central_fd(lambda z: loss(x, z, gamma, beta), r.copy()), atol=tol)  # d/d resid
+    _close(res[1], central_fd(lambda z: loss(x, r, z, beta), gamma.copy()), atol=tol)
+    _close(res[2], central_fd(lambda z: loss(x, r, gamma, z), beta.copy()), atol=tol)
+    dx_fd = central_fd(lambda z: loss(z, r, gamma, beta), x.copy())
     _close(res[3] if p > 0 else res[0], dx_fd, atol=tol)
 
 
@@ -330,9 +316,9 @@ def test_embed_bwd_fd_f64():
             [((V, D), "float64"), ((P, D), "float64"), ((NT, D), "float64")])
     dword, dpos, dtyp = bwd(ids, tt, w)
     loss = lambda wo, po, ty: float((fwd(ids, tt, wo, po, ty) * w).sum())  # noqa: E731
-    _close(dword, _fd(lambda z: loss(z, pos, typ), word.copy()), atol=1e-8)
-    _close(dpos, _fd(lambda z: loss(word, z, typ), pos.copy()), atol=1e-8)
-    _close(dtyp, _fd(lambda z: loss(word, pos, z), typ.copy()), atol=1e-8)
+    _close(dword, central_fd(lambda z: loss(z, pos, typ), word.copy()), atol=1e-8)
+    _close(dpos, central_fd(lambda z: loss(word, z, typ), pos.copy()), atol=1e-8)
+    _close(dtyp, central_fd(lambda z: loss(word, pos, z), typ.copy()), atol=1e-8)
 
 
 # ------------------------------------------------------------------------------- loss
@@ -365,7 +351,7 @@ def test_xent_bwd_fd_f64():
     bwd = K(L.build_xent_bwd(B, C, dtype="float64", arch=HOST), [((B, C), "float64")])
     _, probs = fwd(logits, labels)
     dl = bwd(probs, labels, np.array([1.0]))
-    fd = _fd(lambda z: float(fwd(z, labels)[0][0]), logits.copy())
+    fd = central_fd(lambda z: float(fwd(z, labels)[0][0]), logits.copy())
     _close(dl, fd, atol=1e-8)
 
 

@@ -18,6 +18,7 @@ from compiler.kernels import causal_attention as CA
 from compiler.kernels import rmsnorm as RN
 from compiler.kernels import rope as RP
 from compiler.kernels import swiglu as SG
+from tests.numeric_util import central_fd
 
 torch = pytest.importorskip("torch")
 
@@ -39,20 +40,6 @@ class K:
         self.fn(*args, *outs)
         res = [o.numpy() for o in outs]
         return res[0] if len(res) == 1 else res
-
-
-def _fd(fun, x, eps=1e-6):
-    g = np.zeros_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + eps
-        fp = fun(x)
-        flat[k] = old - eps
-        fm = fun(x)
-        flat[k] = old
-        gf[k] = (fp - fm) / (2 * eps)
-    return g
 
 
 def _rel(a, b):
@@ -117,9 +104,9 @@ def test_rmsnorm_fd_f64():
 
     _, s, rstd = f(x, r, w)
     ds, dw = b(W, s, rstd, w, Ws)
-    np.testing.assert_allclose(ds, _fd(lambda v: L(v, r, w), x.copy()), atol=1e-7)
-    np.testing.assert_allclose(ds, _fd(lambda v: L(x, v, w), r.copy()), atol=1e-7)
-    np.testing.assert_allclose(dw, _fd(lambda v: L(x, r, v), w.copy()), atol=1e-7)
+    np.testing.assert_allclose(ds, central_fd(lambda v: L(v, r, w), x.copy()), atol=1e-7)
+    np.testing.assert_allclose(ds, central_fd(lambda v: L(x, v, w), r.copy()), atol=1e-7)
+    np.testing.assert_allclose(dw, central_fd(lambda v: L(x, r, v), w.copy()), atol=1e-7)
 
 
 def test_rmsnorm_f32_vs_torch():
@@ -149,7 +136,7 @@ def test_rope_fd_f64_and_inverse():
     np.testing.assert_allclose(f(x, cos, sin), ref_rope(_t(x), T, nh, nkv, d, theta).numpy(),
                                atol=1e-13)
     np.testing.assert_allclose(fi(f(x, cos, sin), cos, sin), x, atol=1e-13)   # orthogonal
-    g = _fd(lambda v: float((f(v, cos, sin) * W).sum()), x.copy())
+    g = central_fd(lambda v: float((f(v, cos, sin) * W).sum()), x.copy())
     np.testing.assert_allclose(fi(W, cos, sin), g, atol=1e-7)
 
 
@@ -174,7 +161,7 @@ def test_swiglu_fd_f64_and_f32_vs_torch():
     b = K(SG.build_swiglu_bwd(M, I, dtype="float64", arch=HOST), [(M, 2 * I)], "float64")
     gu, W = rng.standard_normal((M, 2 * I)) * 3, rng.standard_normal((M, I))
     np.testing.assert_allclose(f(gu), ref_swiglu(_t(gu), I).numpy(), atol=1e-13)
-    np.testing.assert_allclose(b(W, gu), _fd(lambda v: float((f(v) * W).sum()), gu.copy()),
+    np.testing.assert_allclose(b(W, gu), central_fd(lambda v: float((f(v) * W).sum()), gu.copy()),
                                atol=1e-7)
     M, I = 64, 1536
     f = K(SG.build_swiglu_fwd(M, I, arch=HOST), [(M, I)], "float32")
@@ -212,7 +199,7 @@ def test_causal_attention_fd_f64():
     rc, rp = ref_attention(_t(qkv), _t(mask), B, T, nh, nkv, d)
     np.testing.assert_allclose(ctx, rc.numpy(), atol=1e-13)
     np.testing.assert_allclose(P, rp.numpy(), atol=1e-13)
-    g = _fd(lambda v: float((f(v, mask)[0] * W).sum()), qkv.copy())
+    g = central_fd(lambda v: float((f(v, mask)[0] * W).sum()), qkv.copy())
     np.testing.assert_allclose(b(qkv, P, W), g, atol=1e-7)
 
 
@@ -278,7 +265,7 @@ def test_lm_loss_vs_torch_and_fd(dtype, B, T, V):
     assert abs(loss[0] - float(ref)) <= tol * abs(float(ref))
     assert _rel(bwd(logits, lse, labels, scale), tl.grad) < tol
     if dtype == "float64":
-        g = _fd(lambda v: float(fwd(v, labels)[0][0]), logits.copy())
+        g = central_fd(lambda v: float(fwd(v, labels)[0][0]), logits.copy())
         np.testing.assert_allclose(bwd(logits, lse, labels, scale), g, atol=1e-8)
 
 
