@@ -55,3 +55,14 @@ def real_batch(minilm_dir):
 @pytest.fixture(scope="session")
 def build_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session")
+def whole_model_bundle(minilm_dir, build_root) -> Path:
+    """MiniLM + a new 2-label head (head_seed 0) as one whole-model bundle (K = 1) at batch 2 x 16
+    tokens: what the forward-gradient clients load. Compiled once per session, read-only."""
+    from control.job import compile_bundles, load_model
+
+    model = load_model(minilm_dir, num_labels=2, head_seed=0)
+    return compile_bundles(model, build_root / "whole_k1_b2_t16", stages=1, batch=2, seq=16,
+                           progress=False)[0]

@@ -12,7 +12,6 @@ import pytest
 
 from control.federated import BoardClients, FwdGradRun, _eval, split_clients
 from control.fwdgrad import FwdGradConfig, estimate, flatten, trainable_names
-from control.job import compile_bundles, load_model
 from control.local import LocalPipeline
 from edgert.errors import BoardError
 from edgert.fwdgrad import ForwardClient, perturbation
@@ -24,10 +23,8 @@ B, T = 2, 16
 
 
 @pytest.fixture(scope="module")
-def bundle(minilm_dir, build_root):
-    model = load_model(minilm_dir, num_labels=2, head_seed=0)
-    return compile_bundles(model, build_root / "fwdgrad_k1", stages=1, batch=B, seq=T,
-                           progress=False)[0]
+def bundle(whole_model_bundle):
+    return whole_model_bundle     # batch B x T (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

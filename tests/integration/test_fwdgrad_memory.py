@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from control.job import compile_bundles, load_model
 from control.local import stage_inputs
 from edgert.fwdgrad import STAGE_LOSS
 from edgert.runtime import TvmStage
@@ -20,11 +19,8 @@ B, T = 2, 16
 
 
 @pytest.fixture(scope="module")
-def stage(minilm_dir, build_root):
-    model = load_model(minilm_dir, num_labels=2, head_seed=0)
-    bundle = compile_bundles(model, build_root / "fwdgrad_k1_loss", stages=1, batch=B, seq=T,
-                             progress=False)[0]
-    return TvmStage.load(bundle)
+def stage(whole_model_bundle):
+    return TvmStage.load(whole_model_bundle)     # batch B x T (tests/conftest.py)
 
 
 def test_stage_loss_equals_stage_forward_without_dropout(stage, real_batch):

@@ -16,7 +16,6 @@ from control.dashboard_state import DashState, reduce
 from control.events import EventLog
 from control.federated import fwdgrad_finetune
 from control.fwdgrad import FwdGradConfig
-from control.job import compile_bundles, load_model
 from edgert.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -24,10 +23,8 @@ B, T = 2, 16
 
 
 @pytest.fixture(scope="module")
-def run(minilm_dir, build_root):
-    model = load_model(minilm_dir, num_labels=2, head_seed=0)
-    bundle = compile_bundles(model, build_root / "fwdgrad_run_k1", stages=1, batch=B, seq=T,
-                             progress=False)[0]
+def run(minilm_dir, whole_model_bundle):
+    bundle = whole_model_bundle     # batch B x T (tests/conftest.py)
 
     def go(out, rounds, lr=0.05, **kw):
         cfg = FwdGradConfig(lr=lr, momentum=0.9, k_init=4, k_max=4, pool_factor=2, eps=1e-3,
