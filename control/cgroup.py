@@ -61,6 +61,18 @@ def own_memory_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup"),
     return d
 
 
+def _make_child(parent: Path, stem: str, controller: str, instead: str) -> Path:
+    """mkdir a uniquely named child cgroup edgert-<pid>-<stem><random> of `parent`; a clear
+    ConfigError (saying what to do `instead`) when that is not allowed."""
+    path = parent / f"edgert-{os.getpid()}-{stem}{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as e:
+        raise ConfigError(f"cannot create the {controller} cgroup {path} ({e}); {instead} or "
+                          f"fix the permissions of {parent}") from e
+    return path
+
+
 class MemoryCgroup:
     """One child memory cgroup with a hard limit (see the module docstring)."""
 
@@ -73,13 +85,8 @@ class MemoryCgroup:
         if type(limit_bytes) is not int or limit_bytes < 4 * MIB:
             raise ConfigError(f"memory cap for {name} must be an integer >= 4 MiB of bytes, got "
                               f"{limit_bytes!r}")
-        parent = parent or own_memory_cgroup()
-        path = parent / f"edgert-{os.getpid()}-{name}-{uuid.uuid4().hex[:8]}"
-        try:
-            path.mkdir()
-        except OSError as e:
-            raise ConfigError(f"cannot create the memory cgroup {path} ({e}); run without "
-                              f"mem_cap_mib or fix the permissions of {parent}") from e
+        path = _make_child(parent or own_memory_cgroup(), f"{name}-", "memory",
+                           "run without mem_cap_mib")
         cg = cls(path, name, limit_bytes)
         try:
             cg._write("memory.limit_in_bytes", limit_bytes)
@@ -214,13 +221,8 @@ class CpuCap:
     @classmethod
     def create(cls, name: str, fraction: float, parent: Path | None = None,
                period_us: int = CPU_PERIOD_US) -> CpuCap:
-        parent = parent or own_cpu_cgroup()
-        path = parent / f"edgert-{os.getpid()}-{name}-cpu-{uuid.uuid4().hex[:8]}"
-        try:
-            path.mkdir()
-        except OSError as e:
-            raise ConfigError(f"cannot create the cpu cgroup {path} ({e}); run without a CPU "
-                              f"cap or fix the permissions of {parent}") from e
+        path = _make_child(parent or own_cpu_cgroup(), f"{name}-cpu-", "cpu",
+                           "run without a CPU cap")
         cap = cls(path, name, fraction, period_us)
         try:
             (path / "cpu.cfs_period_us").write_text(f"{period_us}\n")
