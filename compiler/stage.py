@@ -300,15 +300,22 @@ class StageGraph:
     def _embed_bwd(self, dy, S, seed, P, G):
         E, d, M = self.E, self.d, self.M
         B, T, D = self.s.batch, self.s.seq, d.hidden
+        tables = {"word": "embeddings.word_embeddings.weight",
+                  "pos": "embeddings.position_embeddings.weight",
+                  "type": "embeddings.token_type_embeddings.weight"}
+        trained = {n for n, _ in self.trainable}
+        want = tuple(k for k, n in tables.items() if n in trained)   # frozen tables: not computed
+        if not want and not trained & {"embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"}:
+            return      # all of the embeddings frozen: nothing below the first layer to compute
         if self.p_h > 0:
             (dy,) = E(elementwise.build_dropout, [dy, seed], M, D, p=self.p_h, salt=_salt(-1, 0))
         ds, G["embeddings.LayerNorm.weight"], G["embeddings.LayerNorm.bias"] = E(
             norm.build_layernorm_bwd, [dy, S["xhat"], S["rstd"], P["embeddings.LayerNorm.weight"], seed],
             M, D, n_out=3, dropout=0.0, salt=0)
-        (G["embeddings.word_embeddings.weight"], G["embeddings.position_embeddings.weight"],
-         G["embeddings.token_type_embeddings.weight"]) = E(
-            embed.build_embed_bwd, [S["ids"], S["tt"], ds], B, T, d.vocab, D, d.max_pos, d.type_vocab,
-            n_out=3)
+        if want:
+            outs = E(embed.build_embed_bwd, [S["ids"], S["tt"], ds], B, T, d.vocab, D, d.max_pos,
+                     d.type_vocab, n_out=len(want), grads=want)
+            G.update({tables[k]: g for k, g in zip(want, outs, strict=True)})
 
     def _head_bwd(self, scale, S, seed, P, G):
         E, d = self.E, self.d

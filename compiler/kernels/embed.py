@@ -72,9 +72,10 @@ def _zero_fill(buf, n: int, lanes: int, threads: int):
 
 
 def _embed_bwd_cpu(ids, tt, ds, dword, dpos, dtyp, B, T, V, D, P, NT, lanes, threads):
-    """Zero the three gradients, then ONE pass over ds: parallel over column vectors of D, serial
+    """Zero the gradients, then ONE pass over ds: parallel over column vectors of D, serial
     over tokens in order (deterministic, no atomics), each ds vector added to its word row, its
-    position row and its token-type row."""
+    position row and its token-type row. A gradient given as None (a frozen table) is skipped:
+    no zero fill, no scatter."""
     vl = lanes if D >= lanes else 1
     nv = D // vl
     main = nv * vl
@@ -84,14 +85,12 @@ def _embed_bwd_cpu(ids, tt, ds, dword, dpos, dtyp, B, T, V, D, P, NT, lanes, thr
         val = tirx.BufferLoad(ds, [i, col])
         w = tirx.Cast("int32", tirx.BufferLoad(ids, [b, t]))
         k = tirx.Cast("int32", tirx.BufferLoad(tt, [b, t]))
-        return tirx.SeqStmt([
-            tirx.BufferStore(dword, tirx.BufferLoad(dword, [w, col]) + val, [w, col]),
-            tirx.BufferStore(dpos, tirx.BufferLoad(dpos, [t, col]) + val, [t, col]),
-            tirx.BufferStore(dtyp, tirx.BufferLoad(dtyp, [k, col]) + val, [k, col]),
-        ])
+        stores = [tirx.BufferStore(g, tirx.BufferLoad(g, [r, col]) + val, [r, col])
+                  for g, r in ((dword, w), (dpos, t), (dtyp, k)) if g is not None]
+        return _seq(*stores)
 
-    stmts = [_zero_fill(dword, V * D, lanes, threads), _zero_fill(dpos, P * D, lanes, threads),
-             _zero_fill(dtyp, NT * D, lanes, threads)]
+    stmts = [_zero_fill(g, n * D, lanes, threads)
+             for g, n in ((dword, V), (dpos, P), (dtyp, NT)) if g is not None]
     skind = _FK.PARALLEL if B * T * D >= PAR_MIN_ELEMS and nv > 1 else _FK.SERIAL
     vkind = _FK.VECTORIZED if vl > 1 else _FK.SERIAL
     stmts.append(_loop("j", nv, skind, lambda j: _loop("b", B, _FK.SERIAL, lambda b: _loop(
@@ -130,39 +129,57 @@ def _dword_gpu(ids, ds, dword, B, T, V, D):
     return tirx.SeqStmt([zero_fill, scatter])
 
 
+EMBED_TABLES = ("word", "pos", "type")
+
+
 def build_embed_bwd(B: int, T: int, V: int, D: int, P: int, NT: int, *, dtype: str = "float32",
-                    arch: Arch | None = None, config: dict | None = None) -> tirx.PrimFunc:
+                    arch: Arch | None = None, config: dict | None = None,
+                    grads: tuple[str, ...] = EMBED_TABLES) -> tirx.PrimFunc:
     """ids [B,T] int64, token_type [B,T] int64, ds [B*T,D] ->
     dword [V,D] (zeros + scatter-add of the rows of ds at ids; deterministic token order),
-    dpos [P,D] (sum over b; rows >= T are zero), dtype [NT,D]."""
+    dpos [P,D] (sum over b; rows >= T are zero), dtype [NT,D].
+
+    `grads` names the outputs wanted, in this order, among "word", "pos", "type": a frozen table's
+    gradient is not computed at all (for MiniLM the word table is 30522 x 384: its zero fill alone
+    writes 47 MB per step; see [Note: frozen params] in compiler/stage.py)."""
     arch = resolve_arch(arch)
+    bad = [g for g in grads if g not in EMBED_TABLES]
+    if bad or not grads or len(set(grads)) != len(grads):
+        raise ValueError(f"grads must be distinct names among {EMBED_TABLES}, got {grads!r}")
+    grads = tuple(g for g in EMBED_TABLES if g in grads)
+    rows = {"word": V, "pos": P, "type": NT}
     ids = te.placeholder((B, T), "int64", name="ids")
     tt = te.placeholder((B, T), "int64", name="token_type")
     ds = te.placeholder((B * T, D), dtype, name="ds")
     lanes = arch.lanes(dtype)
     if arch.is_cpu:
-        outs = te.extern(
-            [(V, D), (P, D), (NT, D)], [ids, tt, ds],
-            lambda ins, o: _embed_bwd_cpu(*ins, *o, B, T, V, D, P, NT, lanes, arch.threads),
-            name="embed_bwd", dtype=[dtype] * 3)
+        def body(ins, o):
+            named = dict(zip(grads, o, strict=True))
+            return _embed_bwd_cpu(*ins, *(named.get(g) for g in EMBED_TABLES),
+                                  B, T, V, D, P, NT, lanes, arch.threads)
+        outs = te.extern([(rows[g], D) for g in grads], [ids, tt, ds], body,
+                         name="embed_bwd", dtype=[dtype] * len(grads))
+        outs = outs if isinstance(outs, list) else [outs]
         return te.create_prim_func([ids, tt, ds, *outs])
     # GPU: the scatter as an extern with explicit thread bindings, dpos/dtype as TE reductions
-    dword = te.extern((V, D), [ids, ds],
-                      lambda ins, outs: _dword_gpu(ins[0], ins[1], outs[0], B, T, V, D),
-                      name="dword", dtype=dtype)
     zero = tirx.const(0.0, dtype)
+    made = {}
+    if "word" in grads:
+        made["word"] = te.extern((V, D), [ids, ds],
+                                 lambda ins, outs: _dword_gpu(ins[0], ins[1], outs[0], B, T, V, D),
+                                 name="dword", dtype=dtype)
     b = te.reduce_axis((0, B), name="b")
-    dpos = te.compute(
+    made["pos"] = te.compute(
         (P, D),
         lambda p, d: te.sum(
             tirx.Select(p < T, ds[b * T + te.min(p, T - 1), d], zero), axis=b),
         name="dpos",
     )
     i = te.reduce_axis((0, B * T), name="i")
-    dtyp = te.compute(
+    made["type"] = te.compute(
         (NT, D),
         lambda k, d: te.sum(
             tirx.Select(tirx.Cast("int32", tt[i // T, i % T]) == k, ds[i, d], zero), axis=i),
         name="dtype",
     )
-    return te.create_prim_func([ids, tt, ds, dword, dpos, dtyp])
+    return te.create_prim_func([ids, tt, ds, *(made[g] for g in grads)])

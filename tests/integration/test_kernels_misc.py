@@ -321,6 +321,25 @@ def test_embed_bwd_fd_f64():
     _close(dtyp, central_fd(lambda z: loss(word, pos, z), typ.copy()), atol=1e-8)
 
 
+@pytest.mark.parametrize("grads", [("pos", "type"), ("word",), ("type",)])
+def test_embed_bwd_subset(grads):
+    """Frozen tables (grads=...) are left out; the others equal the float64 reference."""
+    B, T, V, D, P, NT = 4, 16, 300, 40, 20, 2
+    ids, tt, *_ = _embed_inputs(B, T, V, P, NT, D, "float32")
+    ds = rng.standard_normal((B * T, D)).astype("float32")
+    rows = {"word": V, "pos": P, "type": NT}
+    bwd = K(EM.build_embed_bwd(B, T, V, D, P, NT, arch=HOST, grads=grads),
+            [((rows[g], D), "float32") for g in grads])
+    got = bwd(ids, tt, ds)
+    got = got if isinstance(got, (list, tuple)) else [got]
+    ref = dict(zip(("word", "pos", "type"), _embed_bwd_ref(ids, tt, ds.astype(np.float64), V, P, NT, T)))
+    assert len(got) == len(grads)
+    for g, out in zip(grads, got, strict=True):
+        _close(out, ref[g], atol=2e-6 * B * T, rtol=1e-5)
+    with pytest.raises(ValueError, match="distinct names"):
+        EM.build_embed_bwd(B, T, V, D, P, NT, arch=HOST, grads=("words",))
+
+
 # ------------------------------------------------------------------------------- loss
 
 
