@@ -36,6 +36,9 @@ class FarPlan:
 
     learners: int
     perms: dict[int, tuple[int, ...]]
+    # Parameters frozen besides the FFN nodes' frozen parts (FarConfig.freeze_embeddings: the
+    # embeddings); each stage freezes those it owns (far_spec).
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         for li, p in self.perms.items():
@@ -49,15 +52,25 @@ class FarPlan:
     def learner_nodes(self, layer: int) -> tuple[int, ...]:
         return self.perms[layer][:self.learners]
 
+    def to_dict(self) -> dict:
+        """JSON form (far_plan.json, a checkpoint's meta "far")."""
+        d: dict = {"learners": self.learners,
+                   "perms": {str(k): list(v) for k, v in self.perms.items()}}
+        if self.freeze:
+            d["freeze"] = list(self.freeze)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FarPlan:
+        perms = {int(k): tuple(int(x) for x in v) for k, v in d["perms"].items()}
+        return cls(int(d["learners"]), perms, tuple(str(n) for n in d.get("freeze", ())))
+
     def save(self, path: str | Path) -> None:
-        perms = {str(k): list(v) for k, v in self.perms.items()}
-        Path(path).write_text(json.dumps({"learners": self.learners, "perms": perms}))
+        Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> FarPlan:
-        d = json.loads(Path(path).read_text())
-        perms = {int(k): tuple(int(x) for x in v) for k, v in d["perms"].items()}
-        return cls(int(d["learners"]), perms)
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def learner_count(ffn: int, retention: float, align: int = 1) -> int:
@@ -85,10 +98,11 @@ def node_scores(before: dict[str, np.ndarray], after: dict[str, np.ndarray],
     return out
 
 
-def select(scores: dict[int, np.ndarray], learners: int, how: str = "l1", seed: int = 0) -> FarPlan:
+def select(scores: dict[int, np.ndarray], learners: int, how: str = "l1", seed: int = 0,
+           freeze: tuple[str, ...] = ()) -> FarPlan:
     """The plan keeping the `learners` top-scoring nodes per layer ("l1"), or random ones
     ("random", the paper's control; seeded). Ties go to the lower node index; each group stays in
-    node order."""
+    node order. `freeze`: other parameters the plan freezes (FarPlan.freeze)."""
     if how not in ("l1", "random"):
         raise ConfigError(f"FAR selection must be 'l1' or 'random', got {how!r}")
     perms = {}
@@ -101,7 +115,7 @@ def select(scores: dict[int, np.ndarray], learners: int, how: str = "l1", seed: 
         keep = np.sort(top)
         rest = np.setdiff1d(np.arange(f), keep)
         perms[li] = tuple(int(x) for x in np.concatenate([keep, rest]))
-    return FarPlan(learners, perms)
+    return FarPlan(learners, perms, tuple(freeze))
 
 
 def reconfigure(tensors: dict[str, np.ndarray], plan: FarPlan,
@@ -142,7 +156,8 @@ def restore(tensors: dict[str, np.ndarray], plan: FarPlan,
 
 def far_spec(spec: StageSpec, plan: FarPlan, freeze: tuple[str, ...] = ()) -> StageSpec:
     """The reconfigured version of a stage: FAR-split FFNs with their frozen parts frozen, plus any
-    of `freeze` (e.g. the word embedding) that this stage owns."""
+    of `freeze` and `plan.freeze` (e.g. the embeddings) that this stage owns."""
+    freeze = (*plan.freeze, *freeze)
     frozen = [f"encoder.layer.{li}.{FAR_SPLIT[n][1]}" for li in range(spec.first, spec.last)
               for n in _AXIS]
     if spec.has_embeddings:

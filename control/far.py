@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.far import FarPlan, far_spec, learner_count, node_scores, reconfigure, restore, select
-from compiler.model_spec import parse_split, split_qkv, stage_specs
+from compiler.model_spec import EMBED_PARAMS, parse_split, split_qkv, stage_specs
 from control.local import LocalPipeline, OptimConfig
 from edgert.errors import ConfigError
 
@@ -38,6 +38,10 @@ class FarConfig:
     # 16), so both parts of a 1536-wide FFN (624 + 912) are whole tiles; with 16 (608 + 928) the
     # tile narrows to 2 vectors and the split FFN's forward got 7% slower (docs/far.md).
     align: int = 48
+    # Also freeze the embeddings (word, position, token type, their LayerNorm) after priming: the
+    # paper's operating point ("60% of the parameters frozen" at retention 0.4 on DistilBERT
+    # counts the embeddings as frozen). Skips the embedding backward and the word table's AdamW.
+    freeze_embeddings: bool = False
 
     def __post_init__(self):
         if not 0 < self.retention < 1:
@@ -59,7 +63,8 @@ def plan_from_priming(before: dict[str, np.ndarray], after: dict[str, np.ndarray
                       ffn: int, cfg: FarConfig) -> FarPlan:
     """Rank every layer's FFN nodes by their L1 weight change and pick the learners."""
     r = learner_count(ffn, cfg.retention, cfg.align)
-    return select(node_scores(before, after, range(layers)), r, cfg.selection, cfg.seed)
+    freeze = tuple(n for n, _ in EMBED_PARAMS) if cfg.freeze_embeddings else ()
+    return select(node_scores(before, after, range(layers)), r, cfg.selection, cfg.seed, freeze)
 
 
 def compile_far_bundles(model, plan: FarPlan, weights: dict[str, np.ndarray],

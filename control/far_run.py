@@ -89,7 +89,8 @@ def run_far_config(run: Run) -> FarConfig | None:
     if not getattr(cfg, "far_retention", 0):
         return None
     return FarConfig(retention=cfg.far_retention, priming_fraction=cfg.far_priming,
-                     selection=cfg.far_selection, seed=cfg.seed)
+                     selection=cfg.far_selection, seed=cfg.seed,
+                     freeze_embeddings=bool(getattr(cfg, "far_freeze_embeddings", False)))
 
 
 def current_plan(run: Run) -> FarPlan | None:
@@ -101,7 +102,7 @@ def plan_of(meta: dict[str, Any]) -> FarPlan | None:
     d = meta.get("far")
     if not d:
         return None
-    return FarPlan(int(d["learners"]), {int(k): tuple(v) for k, v in d["perms"].items()})
+    return FarPlan.from_dict(d)
 
 
 def checkpoint_meta(run: Run) -> dict[str, Any]:
@@ -109,8 +110,7 @@ def checkpoint_meta(run: Run) -> dict[str, Any]:
     plan = current_plan(run)
     if plan is None:
         return {}
-    return {"far": {"learners": plan.learners,
-                    "perms": {str(k): list(v) for k, v in plan.perms.items()}}}
+    return {"far": plan.to_dict()}
 
 
 def to_far_layout(run: Run, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -57,6 +57,8 @@ class RunConfig:
     far_retention, far_priming, far_selection : FAR (docs/far.md): after `far_priming` of the
         steps, train only this share of each FFN's nodes ("l1": those that moved most; "random");
         0 = off. In run.toml also as a `[far]` table with keys retention, priming, selection.
+    far_freeze_embeddings : FAR also freezes the embeddings after priming (`[far]`
+        freeze_embeddings = true; FarConfig.freeze_embeddings).
 
     Examples
     --------
@@ -94,6 +96,7 @@ class RunConfig:
     far_retention: float = 0.0
     far_priming: float = 0.05
     far_selection: str = "l1"
+    far_freeze_embeddings: bool = False
 
     def __post_init__(self) -> None:
         positive = ("boards", "steps", "batch", "micro_batches", "seq", "checkpoint_every",
@@ -132,6 +135,9 @@ class RunConfig:
         if self.far_selection not in ("l1", "random"):
             raise ConfigError(f"run config: far selection must be 'l1' or 'random', got "
                               f"{self.far_selection!r}")
+        if not isinstance(self.far_freeze_embeddings, bool):
+            raise ConfigError(f"run config: far freeze_embeddings must be true or false, got "
+                              f"{self.far_freeze_embeddings!r}")
         if self.mode != "sync":
             raise ConfigError(f"run config: mode {self.mode!r} is not supported by runs; use "
                               f"'sync' (async 2BW has no consistent step boundary to checkpoint)")
@@ -202,10 +208,10 @@ def _flatten_far(d: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(far, dict):
         raise ConfigError(f"{where}: far must be a table such as `[far]` then `retention = 0.4`, "
                           f"got {far!r}")
-    bad = sorted(set(far) - {"retention", "priming", "selection"})
+    bad = sorted(set(far) - {"retention", "priming", "selection", "freeze_embeddings"})
     if bad:
-        raise ConfigError(f"{where}: unknown keys {bad} in [far]; known: priming, retention, "
-                          f"selection")
+        raise ConfigError(f"{where}: unknown keys {bad} in [far]; known: freeze_embeddings, "
+                          f"priming, retention, selection")
     out = {k: v for k, v in d.items() if k != "far"}
     out.update({f"far_{k}": v for k, v in far.items()})
     return out

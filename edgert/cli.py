@@ -62,6 +62,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.head_split and (a.far is not None or a.peft):
         raise ConfigError("--head-split is available for full fine-tuning only for now: drop "
                           "--head-split, or --far / --peft")
+    if a.far_freeze_embeddings and a.far is None:
+        raise ConfigError("--far-freeze-embeddings goes with --far RETENTION, e.g. --far 0.4")
     if a.far is not None:
         return _train_far(a)
     if a.peft or a.adapter_size is not None or a.lora_rank is not None or a.lora_alpha is not None:
@@ -168,7 +170,8 @@ def _train_far(a: argparse.Namespace) -> int:
     from control.far import FarConfig, finetune_far, summary
 
     cfg = _tuning(a)["configs"]
-    rep = finetune_far(far=FarConfig(retention=a.far), model_dir=a.model, out_dir=a.out,
+    far = FarConfig(retention=a.far, freeze_embeddings=a.far_freeze_embeddings)
+    rep = finetune_far(far=far, model_dir=a.model, out_dir=a.out,
                        stages=a.stages or (None if a.split else 2), split=a.split, steps=a.steps,
                        batch=a.batch, micro_batches=a.micro_batches, seq=a.seq, lr=a.lr,
                        eval_examples=a.eval_examples, seed=a.seed, threads=a.threads, configs=cfg,
@@ -472,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--far", type=float, default=None, metavar="RETENTION",
                    help="FAR: after 5%% priming steps train only this share of each FFN's nodes "
                         "(e.g. 0.4; on the boards, or with --in-process; docs/far.md)")
+    t.add_argument("--far-freeze-embeddings", action="store_true",
+                   help="with --far: also freeze the embeddings after priming (the paper's "
+                        "operating point; skips their backward and AdamW)")
     t.add_argument("--peft", choices=("bitfit", "lora", "adapter"), default=None,
                    help="train only a parameter-efficient set (docs/peft.md): biases, LoRA "
                         "factors on the QKV, or bottleneck adapters + LayerNorms (+ the head)")

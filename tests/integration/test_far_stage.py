@@ -154,8 +154,10 @@ def test_switch_to_far_continues_the_dense_run_and_exports_the_dense_layout(
                                          **ck))
     opt = OptimConfig(lr=1e-3)
     pipe.train_step([real_batch(2, 16, 0)], opt)                            # priming
+    # With the embeddings frozen too (the paper's operating point): their backward is not compiled
+    # at all (compiler/stage.py `_embed_bwd`), every other gradient must still be the dense one.
     plan = plan_from_priming(model.weights, pipe.params(), model.dims.layers, model.dims.ffn,
-                             FarConfig(retention=0.4))
+                             FarConfig(retention=0.4, freeze_embeddings=True))
     assert plan.learners == 624 and sorted(plan.perms) == list(range(model.dims.layers))
     far = switch_to_far(pipe, model, plan, build_root / "far_run_far", configs={}, **ck)
     primed = pipe.params()
@@ -166,6 +168,7 @@ def test_switch_to_far_continues_the_dense_run_and_exports_the_dense_layout(
     assert abs(l1 - l0) <= 1e-6 * abs(l0)
     g0 = reconfigure(g0, plan)
     assert set(g1) == set(g0) - far.stages[0].manifest.frozen
+    assert set(plan.freeze) <= far.stages[0].manifest.frozen
     for n, g in g1.items():
         assert _rel(g, g0[n]) <= 1e-5, n
 
@@ -191,12 +194,14 @@ def test_switch_to_far_continues_the_dense_run_and_exports_the_dense_layout(
 
 
 def test_finetune_far_runs_the_three_phases_and_exports(model, tmp_path):
-    """The run mode end to end (same shapes as above: the compiled libraries are cached)."""
+    """The run mode end to end (same shapes and frozen set as above: the compiled libraries are
+    cached)."""
     from transformers import BertForSequenceClassification
 
     from control.far import FarConfig, finetune_far
 
-    rep = finetune_far(far=FarConfig(retention=0.4, priming_fraction=0.3), out_dir=tmp_path,
+    far = FarConfig(retention=0.4, priming_fraction=0.3, freeze_embeddings=True)
+    rep = finetune_far(far=far, out_dir=tmp_path,
                        stages=1, steps=4, batch=2, micro_batches=1, seq=16, eval_examples=8,
                        configs={})
     assert len(rep["step_seconds"]["priming"]) == 1 and len(rep["step_seconds"]["far"]) == 3
@@ -212,3 +217,6 @@ def test_finetune_far_runs_the_three_phases_and_exports(model, tmp_path):
     learn, frozen = list(plan.perms[3][:plan.learners]), list(plan.perms[3][plan.learners:])
     one_step = 2e-4 * model.dims.hidden * 1.01          # finetune_far's default lr
     assert moved[frozen].max() <= one_step < moved[learn].mean() / 1.2
+    word = hf.state_dict()["bert.embeddings.word_embeddings.weight"].numpy()   # frozen after priming
+    ref = model.hf_weights()["embeddings.word_embeddings.weight"]
+    assert np.abs(word - ref).max() <= 2e-4 * 1.01 and rep["far"]["freeze_embeddings"]

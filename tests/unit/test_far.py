@@ -123,3 +123,25 @@ def test_bad_far_settings_say_how_to_fix_them():
     with pytest.raises(ConfigError, match="ffn_learners must be in 1..5"):
         stage_params(StageSpec(0, 1, 0, 2, 2, 8, ffn_learners=6), DIMS)
     assert FarConfig(priming_fraction=0.05).priming_steps(60) == 3
+
+
+def test_freeze_embeddings_goes_into_the_plan_and_only_the_embedding_stage_freezes_them(tmp_path):
+    from control.far import plan_from_priming
+
+    rng = np.random.default_rng(2)
+    before = _ffn(rng)
+    after = {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in before.items()}
+    plan = plan_from_priming(before, after, 2, F, FarConfig(retention=0.5, align=1,
+                                                            freeze_embeddings=True))
+    emb = {"embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+           "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight",
+           "embeddings.LayerNorm.bias"}
+    assert set(plan.freeze) == emb
+    assert plan_from_priming(before, after, 2, F, FarConfig(retention=0.5, align=1)).freeze == ()
+    plan.save(tmp_path / "plan.json")                      # far_plan.json / checkpoint meta
+    assert FarPlan.load(tmp_path / "plan.json") == plan
+    assert FarPlan.from_dict(plan.to_dict()) == plan
+    first = far_spec(StageSpec(0, 2, 0, 1, 2, 8), plan)           # owns the embeddings
+    last = far_spec(StageSpec(1, 2, 1, 2, 2, 8), plan)            # does not
+    assert emb <= set(first.frozen) and not emb & set(last.frozen)
+    assert not emb & {n for n, _ in trainable_params(first, DIMS)}

@@ -19,15 +19,18 @@ F, D = 96, 4
 
 def test_far_table_in_run_toml(tmp_path):
     p = tmp_path / "run.toml"
-    p.write_text('steps = 20\n[far]\nretention = 0.4\npriming = 0.1\nselection = "random"\n')
+    p.write_text('steps = 20\n[far]\nretention = 0.4\npriming = 0.1\nselection = "random"\n'
+                 'freeze_embeddings = true\n')
     cfg = RunConfig.from_toml(p)
     assert (cfg.far_retention, cfg.far_priming, cfg.far_selection) == (0.4, 0.1, "random")
+    assert cfg.far_freeze_embeddings is True and not RunConfig().far_freeze_embeddings
     assert RunConfig.from_dict(cfg.to_dict()) == cfg           # config.json: flat keys
     assert RunConfig().far_retention == 0                       # off by default
     for body, msg in [("[far]\nretention = 1.5\n", "far retention must be in"),
                       ("[far]\nretentoin = 0.4\n", "unknown keys .'retentoin'. in .far."),
                       ('[far]\nretention = 0.4\nselection = "top"\n', "'l1' or 'random'"),
-                      ("far = 0.4\n", "far must be a table")]:
+                      ("far = 0.4\n", "far must be a table"),
+                      ("[far]\nretention = 0.4\nfreeze_embeddings = 1\n", "true or false")]:
         p.write_text(body)
         with pytest.raises(ConfigError, match=msg):
             RunConfig.from_toml(p)
