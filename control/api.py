@@ -341,8 +341,11 @@ class RunHandle:
         if not bundles:
             raise ConfigError(f"run {self.run_dir} has no compiled stages yet; wait for it to "
                               f"start (or finish) before classify()")
+        from control.far_run import to_far_layout
+
         pipe = LocalPipeline(bundles, run_seed=self.config.seed)
-        pipe.load_state(self.run.final_params(), None, 0)
+        # The checkpoint loads in the dense layout; FAR stages hold their reconfigured one.
+        pipe.load_state(to_far_layout(self.run, self.run.final_params()), None, 0)
         tok = Tokenizer(_model_dir(self.config.model) / "tokenizer.json")
         B, T = pipe.batch_size, pipe.seq_len
         padded = list(texts) + [texts[-1]] * (-len(texts) % B)     # the compiled batch is B

@@ -114,7 +114,7 @@ def test_far_on_boards_matches_in_process_and_exports_dense(tmp_path, model, dat
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
 
 
-def test_far_run_switches_checkpoints_and_resumes(tmp_path, ref):
+def test_far_run_switches_checkpoints_and_resumes(tmp_path, ref, model):
     from control.run import Run, RunConfig
 
     cfg = RunConfig(boards=2, split=SPLIT, steps=STEPS, batch=B, seq=T, micro_batches=M,
@@ -148,3 +148,19 @@ def test_far_run_switches_checkpoints_and_resumes(tmp_path, ref):
     assert "bert.encoder.layer.5.intermediate.dense.weight" in keys
     assert not any("learner" in k or "frozen" in k for k in keys)
     print(f"run with FAR, stopped at 4 and resumed: max |dw| vs in-process {dw:.1e}")
+
+    # classify() runs the run's FAR stages on its dense checkpoint (was: a name mismatch)
+    from control.api import RunHandle
+    from control.data import Tokenizer
+
+    texts = ["a gripping, beautifully acted film", "dull and far too long", "fine"]
+    probs = RunHandle(run).classify(texts)
+    tok = Tokenizer(model.path / "tokenizer.json")
+    want = []
+    for i in range(0, 4, B):                                           # the compiled batch is B
+        chunk = (texts + texts[-1:])[i:i + B]
+        z = ref["pipe"].predict({**tok.encode(chunk, T), "labels": np.zeros(B, np.int64)})[1]
+        want.append(z)
+    z = np.concatenate(want)[:3].astype(np.float64)
+    want = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, want / want.sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
