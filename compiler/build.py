@@ -86,6 +86,18 @@ def _relax_pipeline(arch: Arch):
     return _pipeline
 
 
+def prune(mod):
+    """Drop the calls whose results nothing reads (TVM's build pipeline has no dead-code pass).
+
+    The stage graphs emit every gradient kernel of a layer and return only the trained ones
+    ([Note: frozen params] in compiler/stage.py): with LoRA or adapters the frozen dense weights'
+    gradient GEMMs are dead, with frozen embeddings layer 0's input gradient is. Removing them here
+    keeps the graph builders simple and the frozen work out of the step."""
+    from tvm import relax
+
+    return relax.transform.DeadCodeElimination()(mod)
+
+
 def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = "float32",
                   configs: dict | None = None, use_cache: bool = True,
                   head_split: bool = False) -> tuple[Path, dict]:
@@ -106,7 +118,7 @@ def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = 
         return lib, json.loads(info_path.read_text())
     t0 = time.perf_counter()
     g = _graph(dims, spec, arch, dtype, configs, head_split)
-    mod = g.build(optimizer=True)
+    mod = prune(g.build(optimizer=True))
     t1 = time.perf_counter()
     ex = tvm.compile(mod, target=arch.tvm_target(), relax_pipeline=_relax_pipeline(arch))
     t2 = time.perf_counter()

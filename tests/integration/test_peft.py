@@ -143,3 +143,34 @@ def test_merged_lora_export_gives_the_same_outputs(model, lora, real_batch, tmp_
                  token_type_ids=torch.from_numpy(batch["token_type_ids"])).logits.numpy()
     np.testing.assert_allclose(got, logits, rtol=0, atol=1e-4)
     assert np.abs(logits).max() > 1e-3
+
+
+def test_frozen_weight_gradients_are_not_computed(model):
+    """The stage graph emits every layer's weight-gradient GEMMs; `compiler.build.prune` (applied
+    by compile_stage) must drop those of frozen weights: in a LoRA stage no backward call may
+    produce a dense weight's gradient shape ([F, D], [D, F], [D, D], [3D, D]), while the full
+    stage's backward has each of them."""
+    import tvm
+    from tvm import relax
+
+    from compiler.build import _graph, prune
+
+    d = model.dims
+    D, F = d.hidden, d.ffn
+    dense = {(F, D), (D, F), (D, D), (3 * D, D)}
+
+    def out_shapes(spec):
+        mod = prune(_graph(d, spec, get_arch("host"), "float32", {}).build(optimizer=True))
+        shapes = []
+
+        def visit(e):
+            if isinstance(e, relax.Call) and e.op == tvm.ir.Op.get("relax.call_tir"):
+                sinfo = e.ty_args[0]
+                for t in getattr(sinfo, "fields", None) or [sinfo]:
+                    shapes.append(tuple(int(x) for x in t.shape.values))
+        relax.analysis.post_order_visit(mod["stage_backward"].body, visit)
+        return set(shapes)
+
+    (spec,) = stage_specs([(0, 2)], B, T)
+    assert dense <= out_shapes(spec)
+    assert not dense & out_shapes(peft_spec(spec, d, "lora", rank=8))
