@@ -1,19 +1,21 @@
 """Benchmark: FAR (retention 0.4) vs full fine-tuning vs random selection (MiniLM, Rotten Tomatoes).
 
-    .venv/bin/python bench/bench_far.py                        # ~5-10 min on 2 busy cores
+    .venv/bin/python bench/bench_far.py                        # ~20-30 min on 2 cores
     .venv/bin/python bench/bench_far.py --steps 40 --eval 512  # quicker
-    .venv/bin/python bench/bench_far.py --sweep 32,64,128      # + the sequence-length sweep
+    .venv/bin/python bench/bench_far.py --sweep 2x32,8x64      # other sweep shapes ('' = none)
 
 One process, one stage (every layer), batch 8 x 64 tokens, dropout on. The full run primes for
-5% of the steps; FAR (top-L1 learners) and the random control then start from that same primed
-state (weights + AdamW moments) and all three train on the *same* batches, their steps interleaved
-(the order rotates every step) so that the machine's load hits them alike. Reported: median step
-times and their ratios, per-step paired ratios, a forward / backward / optimizer breakdown, held-out
-accuracy after equal steps, and memory: the stage's training-state bytes from the manifests
-(params, grads, AdamW moments, saved activations) and the peak RSS of a fresh process per mode.
-Then a sweep over sequence lengths (default 32, 64, 128; step times only): full vs FAR vs FAR with
-the word embedding frozen too, interleaved from one primed state per length, with the breakdown,
-the cost of the embedding backward kernel alone and the real token lengths of the dataset.
+5% of the steps; FAR (top-L1 learners), FAR with the embeddings frozen too (the paper's operating
+point) and the random control then start from that same primed state (weights + AdamW moments)
+and all train on the *same* batches, their steps interleaved (the order rotates every step) so
+that the machine's load hits them alike. Reported: median step times and their ratios, per-step
+paired ratios, a forward / backward / optimizer breakdown, held-out accuracy after equal steps,
+and memory: the stage's training-state bytes from the manifests (params, grads, AdamW moments,
+saved activations) and the peak RSS of a fresh process per mode.
+Then a sweep over shapes (batch x seq; step times only): full vs FAR vs FAR + frozen embeddings,
+interleaved from one primed state per shape, with the breakdown, the cost of the embedding
+backward kernel alone, the FLOP bound of each ratio (`flop_ceiling`) and the real token lengths of
+the dataset; plotted in far_step_ratio.svg.
 Results: bench/results/far.json (the top-level keys are the primary setting, batch 8 x 64).
 """
 
@@ -133,7 +135,29 @@ def _frozen_share(pipe) -> float:
     return 1 - sum(t.nbytes for t in m.trainable) / total
 
 
-WORD = "embeddings.word_embeddings.weight"
+def _embeddings() -> tuple[str, ...]:
+    from compiler.model_spec import EMBED_PARAMS
+
+    return tuple(n for n, _ in EMBED_PARAMS)
+
+
+def flop_ceiling(dims, batch: int, seq: int, learners: int, emb_frozen: bool) -> dict:
+    """FAR's step-time ratio if time were proportional to matmul FLOPs: the share of a step's
+    FLOPs FAR removes (the frozen FFN nodes' two weight-gradient GEMMs; with the embeddings
+    frozen also layer 0's input-gradient GEMM through the QKV projection, which only the
+    embedding backward reads). Memory-bound work (AdamW, the embedding scatter, elementwise ops)
+    is not in it: that is where the measured ratio can go below this bound."""
+    from bench.torch_baseline import count_flops
+
+    class _C:      # count_flops reads the Hugging Face config names
+        hidden_size, intermediate_size, num_hidden_layers = dims.hidden, dims.ffn, dims.layers
+    total = count_flops(_C, batch, seq).train_step
+    m, d, f = batch * seq, dims.hidden, dims.ffn
+    removed = dims.layers * 2 * (2 * m * d * (f - learners))
+    if emb_frozen:
+        removed += 2 * m * d * 3 * d
+    return {"train_step_gflop": total / 1e9, "removed_gflop": removed / 1e9,
+            "ratio_bound": (total - removed) / total}
 
 
 def _token_lengths(model) -> dict:
@@ -150,8 +174,8 @@ def _token_lengths(model) -> dict:
 
 def _embed_bwd_ms(model, batch: int, seq: int) -> float:
     """ms of the embedding backward kernel alone (the dense [V, D] word-embedding gradient, zeroed
-    and scattered, plus the position/type gradients): what a stage with the word embedding
-    frozen still computes and discards (compiler/stage.py `_embed_bwd`)."""
+    and scattered, plus the position/type gradients): what a stage with the embeddings frozen
+    no longer computes (compiler/stage.py `_embed_bwd`)."""
     from compiler.arch import get_arch
     from compiler.kernels.embed import build_embed_bwd
     from compiler.tuning import Measurer
@@ -179,42 +203,67 @@ def _interleaved(pipes: dict, batches, opt) -> dict[str, list[float]]:
 
 
 def _sweep(model, plan, a: argparse.Namespace) -> dict:
-    """Per sequence length: full vs FAR vs FAR + frozen word embedding, step times interleaved
-    (each from one primed full state), the breakdown and the embedding backward's cost."""
+    """Per shape (batch x seq): full vs FAR vs FAR + frozen embeddings, step times interleaved
+    (each from one primed full state), the breakdown, the embedding backward's cost and the FLOP
+    bound of each ratio."""
     from control.data import iterate_batches
     from control.far import switch_to_far
     from control.job import compile_bundles, rotten_tomatoes_batches
     from control.local import LocalPipeline, OptimConfig
 
     out = {}
-    for seq in a.sweep:
-        ck = {"stages": 1, "batch": a.batch, "seq": seq, "configs": {}}
-        where = BUILD / f"sweep{seq}"
+    for batch, seq in a.sweep:
+        ck = {"stages": 1, "batch": batch, "seq": seq, "configs": {}}
+        where = BUILD / f"sweep{batch}x{seq}"
         full = LocalPipeline(compile_bundles(model, where / "full", progress=False, **ck))
-        enc, y, _ = rotten_tomatoes_batches(model.path / "tokenizer.json", seq, a.batch, a.batch, 0)
-        it = iterate_batches(enc, y, a.batch, 0, 0)
+        enc, y, _ = rotten_tomatoes_batches(model.path / "tokenizer.json", seq, batch, batch, 0)
+        it = iterate_batches(enc, y, batch, 0, 0)
         batches = [next(it)[1].as_dict() for _ in range(a.sweep_steps + 1)]
         opt = OptimConfig(lr=a.lr)
         full.train_step([batches[0]], opt)             # primed: every moment exists
         pipes = {"full": full,
                  "far_l1": switch_to_far(full, model, plan, where / "far", **ck),
                  "far_l1_frozen_emb": switch_to_far(full, model, plan, where / "far_emb",
-                                                    freeze=(WORD,), **ck)}
+                                                    freeze=_embeddings(), **ck)}
         load = os.getloadavg()
         times = _interleaved(pipes, batches[1:], opt)
         med = {k: 1000 * statistics.median(v) for k, v in times.items()}
-        out[str(seq)] = {
+        key = f"{batch}x{seq}"
+        out[key] = {
+            "batch": batch, "seq": seq, "tokens": batch * seq,
             "step_ms_median": med,
             "step_time_ratio_vs_full": {k: med[k] / med["full"] for k in med if k != "full"},
             "paired_step_ratio_median": {
                 k: statistics.median(np.array(times[k]) / np.array(times["full"]))
                 for k in times if k != "full"},
+            "flop_bound": {k: flop_ceiling(model.dims, batch, seq, plan.learners,
+                                           k == "far_l1_frozen_emb")
+                           for k in ("far_l1", "far_l1_frozen_emb")},
             "breakdown_ms": _breakdown(pipes, batches[1], a.reps),
-            "embed_bwd_ms": _embed_bwd_ms(model, a.batch, seq),
+            "embed_bwd_ms": _embed_bwd_ms(model, batch, seq),
             "loadavg": load, "steps": a.sweep_steps}
-        print(f"  seq {seq}: {out[str(seq)]['step_time_ratio_vs_full']}", file=sys.stderr)
+        print(f"  {key}: {out[key]['paired_step_ratio_median']}", file=sys.stderr)
         del pipes, full
     return out
+
+
+def _plot(sweep: dict, path: Path) -> str:
+    """Paired step-time ratio vs tokens per step, with the FLOP bounds and the 0.7 goal."""
+    from control.svg import Series, line_chart
+
+    pts = sorted(sweep.values(), key=lambda v: v["tokens"])
+    xs = [v["tokens"] for v in pts]
+    label = {"far_l1": "FAR", "far_l1_frozen_emb": "FAR + frozen embeddings"}
+    series = [Series(label[k], xs, [v["paired_step_ratio_median"][k] for v in pts], markers=True)
+              for k in label]
+    series += [Series(f"{label[k]}: FLOP bound", xs,
+                      [v["flop_bound"][k]["ratio_bound"] for v in pts], dashed=True)
+               for k in label]
+    series.append(Series("goal 0.7", [xs[0], xs[-1]], [0.7, 0.7], dashed=True, color="#999"))
+    path.write_text(line_chart(series, title="FAR step time / full fine-tuning (paired steps)",
+                               xlabel="tokens per step (batch x seq)", ylabel="ratio",
+                               width=620, height=300))
+    return path.name
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -250,10 +299,10 @@ def run(a: argparse.Namespace) -> dict:
         if sel == "l1":
             plan_l1 = plan
         compile_far.append(time.perf_counter() - t0)
-        if sel == "l1" and a.frozen_embeddings:   # FAR + the word embedding frozen too
+        if sel == "l1" and a.frozen_embeddings:   # FAR + the embeddings frozen too
             pipes["far_l1_frozen_emb"] = switch_to_far(
                 full, model, plan, BUILD / "far_l1_frozen_emb",
-                freeze=("embeddings.word_embeddings.weight",), **ck)
+                freeze=_embeddings(), **ck)
     names = list(pipes)
     times: dict[str, list[float]] = {k: [] for k in names}
     losses: dict[str, list[float]] = {k: [] for k in names}
@@ -269,8 +318,7 @@ def run(a: argparse.Namespace) -> dict:
     layer = _layer_ffn(model, pipes["far_l1"].stages[0].manifest.stage["ffn_learners"], a.batch,
                        a.seq, 3 * a.reps)
     mem = {k: _train_bytes(p) for k, p in pipes.items()}
-    dirs = {"full": BUILD / "full" / "stage0", "far_l1": BUILD / "far_l1" / "stage0",
-            "far_random": BUILD / "far_random" / "stage0"}
+    dirs = {k: BUILD / k / "stage0" for k in pipes}
     rss = {k: _peak_rss(d, a.batch, a.seq) for k, d in dirs.items()}
     med = {k: 1000 * statistics.median(v) for k, v in times.items()}
     paired = {k: statistics.median(np.array(times[k]) / np.array(times["full"])) for k in names[1:]}
@@ -309,12 +357,22 @@ def run(a: argparse.Namespace) -> dict:
     if a.sweep:
         pipes.clear()                                 # free the primary pipelines first
         full = None
-        res["seq_sweep"] = _sweep(model, plan_l1, a)
-        res["settings"]["sweep"] = {"seqs": a.sweep, "steps": a.sweep_steps,
+        res["shape_sweep"] = _sweep(model, plan_l1, a)
+        res["settings"]["sweep"] = {"shapes": [f"{b}x{t}" for b, t in a.sweep],
+                                    "steps": a.sweep_steps,
                                     "order": "interleaved, rotating; one process, one stage"}
+        res["plots"] = [_plot(res["shape_sweep"], a.out.parent / "far_step_ratio.svg")]
     res["goal"] = {"step_time_ratio_le_0.7": res["step_time_ratio_vs_full"] <= 0.7,
                    "accuracy_drop_le_1_point": res["accuracy_drop_points"] <= 1.0}
     return res
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in (x for x in text.split(",") if x):
+        b, _, t = item.rpartition("x")
+        out.append((int(b) if b else 0, int(t)))
+    return out
 
 
 def main() -> int:
@@ -326,21 +384,21 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--retention", type=float, default=0.4)
     p.add_argument("--frozen-embeddings", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run FAR with the word embedding frozen (the FAR paper's '60%% of "
-                        "parameters frozen' operating point; MiniLM's word embedding is 52%%)")
+                   help="also run FAR with the embeddings frozen (the FAR paper's '60%% of "
+                        "parameters frozen' operating point; MiniLM's embeddings are 53%%)")
     p.add_argument("--eval", type=int, default=1024, help="held-out sentences")
     p.add_argument("--reps", type=int, default=8, help="breakdown repetitions per mode")
-    p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",") if x],
-                   default=[32, 64, 128],
-                   help="sequence lengths of the step-time sweep (full vs FAR vs FAR + frozen "
-                        "word embedding); '' to skip")
-    p.add_argument("--sweep-steps", type=int, default=16, help="interleaved steps per length")
+    p.add_argument("--sweep", type=_shapes, default=_shapes("1x32,2x32,4x32,8x32,8x64,8x128"),
+                   help="shapes BATCHxSEQ of the step-time sweep (full vs FAR vs FAR + frozen "
+                        "embeddings; a bare SEQ uses --batch); '' to skip")
+    p.add_argument("--sweep-steps", type=int, default=16, help="interleaved steps per shape")
     p.add_argument("--out", type=Path, default=OUT, help="results file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rss_child:
         _rss_child(a.rss_child, a.batch, a.seq)
         return 0
+    a.sweep = [(b or a.batch, t) for b, t in a.sweep]
     res = run(a)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
@@ -348,8 +406,8 @@ def main() -> int:
             "paired_step_ratio_median", "one_layer_ms", "accuracy", "accuracy_drop_points",
             "random_accuracy_drop_points", "peak_rss_mib", "memory_ratio_vs_full", "goal")
     print(json.dumps({k: res[k] for k in keys}, indent=1))
-    for seq, r in res.get("seq_sweep", {}).items():
-        print(f"seq {seq}: step ms {r['step_ms_median']}, ratio {r['step_time_ratio_vs_full']}")
+    for shape, r in res.get("shape_sweep", {}).items():
+        print(f"{shape}: step ms {r['step_ms_median']}, paired {r['paired_step_ratio_median']}")
     return 0
 
 

@@ -121,42 +121,58 @@ def faults_line(f: dict) -> str:
     return s
 
 
-def far_table(a: dict) -> str:
-    acc, st = a["accuracy"], a["settings"]
-    rows = ["| | full fine-tuning | FAR (top-L1) | FAR (random nodes) |", "|---|---|---|---|",
-            f"| step time vs full (ratio of medians) | 1 | **{a['step_time_ratio_vs_full']:.2f}** | "
-            f"{a['random_step_time_ratio_vs_full']:.2f} |",
-            *([f"| step time vs full (median of paired steps) | 1 | "
-               f"{a['paired_step_ratio_median']['far_l1']:.2f} | "
-               f"{a['paired_step_ratio_median']['far_random']:.2f} |"]
-              if "paired_step_ratio_median" in a else []),
+def _far_rows(a: dict) -> list[str]:
+    """One markdown row per metric: full | FAR | FAR + frozen embeddings | FAR random."""
+    acc, st, paired = a["accuracy"], a["settings"], a.get("paired_step_ratio_median", {})
+    med = a["step_ms_median"]
+    modes = [m for m in ("far_l1", "far_l1_frozen_emb", "far_random") if m in med]
+    ratio = {m: med[m] / med["full"] for m in modes}
+    rows = ["| | full fine-tuning | " + " | ".join(_FAR_NAMES[m] for m in modes) + " |",
+            "|---|---|" + "---|" * len(modes),
+            f"| step time vs full (median of paired steps) | 1 | "
+            + " | ".join(f"**{paired[m]:.2f}**" for m in modes) + " |",
+            f"| step time vs full (ratio of medians) | 1 | "
+            + " | ".join(f"{ratio[m]:.2f}" for m in modes) + " |",
             f"| held-out accuracy ({st['eval_examples']} sentences) | {100 * acc['full']:.1f}% | "
-            f"{100 * acc['far_l1']:.1f}% | {100 * acc['far_random']:.1f}% |",
-            f"| peak RSS (MiB) | {a['peak_rss_mib']['full']['peak_rss_mib']:.0f} | "
-            f"{a['peak_rss_mib']['far_l1']['peak_rss_mib']:.0f} | "
-            f"{a['peak_rss_mib']['far_random']['peak_rss_mib']:.0f} |"]
-    fe = a.get("frozen_emb")
-    extra = ""
-    if fe:
-        extra = (f" FAR with the word embedding frozen as well ({100 * fe['frozen_param_share']:.0f}% "
-                 f"of the parameters frozen, the paper's operating point is 60%): step time "
-                 f"{fe['step_time_ratio_vs_full']:.2f}x of full, accuracy "
-                 f"{-fe['accuracy_drop_points']:+.1f} points vs full.")
-    sweep = a.get("seq_sweep")
+            + " | ".join(f"{100 * acc[m]:.1f}%" for m in modes) + " |"]
+    rss = a.get("peak_rss_mib", {})
+    if rss:
+        rows.append(f"| peak RSS (MiB) | {rss['full']['peak_rss_mib']:.0f} | "
+                    + " | ".join(f"{rss[m]['peak_rss_mib']:.0f}" if m in rss else "-"
+                                 for m in modes) + " |")
+    return rows
+
+
+_FAR_NAMES = {"far_l1": "FAR (top-L1)", "far_l1_frozen_emb": "FAR + frozen embeddings",
+              "far_random": "FAR (random nodes)"}
+
+
+def far_table(a: dict) -> str:
+    st = a["settings"]
+    out = (f"FAR (`bench/bench_far.py`, `bench/results/far.json`; retention {st['retention']}, "
+           f"{st['steps']} steps incl. {st['priming_steps']} priming, batch {st['batch']} x "
+           f"{st['seq']}, lr {st['lr']:g}, steps interleaved on the same batches):\n\n"
+           + "\n".join(_far_rows(a)))
+    e = _load("far_edge.json")
+    if e:
+        se = e["settings"]
+        out += (f"\n\nThe same at an edge micro-batch (`bench/results/far_edge.json`; batch "
+                f"{se['batch']} x {se['seq']}, {se['steps']} steps incl. {se['priming_steps']} "
+                f"priming, lr {se['lr']:g}):\n\n" + "\n".join(_far_rows(e)))
+    sweep = a.get("shape_sweep")
     if sweep:
-        extra += (" Sequence-length sweep (paired step ratios vs full, FAR / FAR + frozen word "
-                  "embedding): " + ", ".join(
-                      f"T = {t}: {v['paired_step_ratio_median']['far_l1']:.2f} / "
-                      f"{v['paired_step_ratio_median']['far_l1_frozen_emb']:.2f}"
-                      for t, v in sweep.items()) + ".")
-    goal = a.get("goal", {})
-    return (f"FAR (`bench/bench_far.py`, `bench/results/far.json`; retention {st['retention']}, "
-            f"{st['steps']} steps incl. {st['priming_steps']} priming, batch {st['batch']} x "
-            f"{st['seq']}):\n\n" + "\n".join(rows) + "\n\nGoal step time <= 0.7x: "
-            f"{'met' if goal.get('step_time_ratio_le_0.7') else '**not met**'}; accuracy drop <= 1 "
-            f"point: {'met' if goal.get('accuracy_drop_le_1_point') else 'not met'} "
-            f"({a['accuracy_drop_points']:+.1f} points vs full; negative = FAR better)."
-            + extra + " Why: docs/far.md.")
+        out += ("\n\nStep time by shape (paired ratios vs full, FAR / FAR + frozen embeddings; "
+                "FLOP bound of FAR + frozen embeddings in brackets): " + ", ".join(
+                    f"{k}: {v['paired_step_ratio_median']['far_l1']:.2f} / "
+                    f"{v['paired_step_ratio_median']['far_l1_frozen_emb']:.2f} "
+                    f"({v['flop_bound']['far_l1_frozen_emb']['ratio_bound']:.2f})"
+                    for k, v in sorted(sweep.items(), key=lambda kv: kv[1]["tokens"])) + "."
+                + (" Plot: `bench/results/far_step_ratio.svg`." if a.get("plots") else ""))
+        met = [k for k, v in sorted(sweep.items(), key=lambda kv: kv[1]["tokens"])
+               if v["paired_step_ratio_median"]["far_l1_frozen_emb"] <= 0.7]
+        out += (f" Goal <= 0.7x: met at {', '.join(met)} (FAR + frozen embeddings)" if met else
+                " Goal <= 0.7x: not met at any swept shape") + "."
+    return out + " Why: docs/far.md."
 
 
 def fwdgrad_table(g: dict) -> str:
