@@ -175,6 +175,21 @@ def far_table(a: dict) -> str:
     return out + " Why: docs/far.md."
 
 
+def prune_line(p: dict) -> str:
+    st, m = p["settings"], p["modes"]
+    names = {"full": "full", "bitfit": "BitFit", "lora": "LoRA r 8", "adapter": "adapters r 16",
+             "far_emb_frozen": "FAR + frozen embeddings"}
+    return ("Dead-code pruning of compiled stages (`compiler.build.prune`; `bench/bench_prune.py`, "
+            f"`bench/results/prune.json`; whole MiniLM, batch {st['batch']} x {st['seq']}, the same "
+            "batches interleaved, step time with / without the pass, paired): " + ", ".join(
+                f"{names.get(k, k)} {v['paired_ratio_on_vs_off']:.2f}x "
+                f"({v['backward_calls']['emitted']} -> {v['backward_calls']['after_prune']} "
+                f"backward calls)" for k, v in m.items())
+            + "; losses identical in every mode: " + ("yes" if all(v["losses_identical"]
+                                                                  for v in m.values()) else "NO")
+            + ".")
+
+
 def fwdgrad_table(g: dict) -> str:
     rows = ["| method | held-out loss | accuracy | wall (s) | peak RSS per board (MiB) |",
             "|---|---|---|---|---|",
@@ -266,7 +281,8 @@ def main() -> int:
         parts.append("Pipeline across local boards (`bench/bench_pipeline.py`, `bench/results/pipeline.json`,"
                      " MiniLM batch 8 x 64, one core per board):\n\n" + pipeline_table(p))
     for name, fn in (("memory.json", memory_table), ("faults.json", faults_line),
-                     ("far.json", far_table), ("fwdgrad.json", fwdgrad_table),
+                     ("far.json", far_table), ("prune.json", prune_line),
+                     ("fwdgrad.json", fwdgrad_table),
                      ("decoder.json", decoder_table), ("head_split.json", head_split_table),
                      ("links.json", links_table)):
         d = _load(name)
