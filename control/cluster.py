@@ -92,6 +92,23 @@ class LocalCluster:
                  launcher: Callable[[str, list[str]], list[str]] | None = None) -> None:
         if type(n_boards) is not int or n_boards < 1:
             raise ConfigError(f"n_boards must be an integer >= 1, got {n_boards!r}")
+        self._setup(run_seed, timeout, workdir)
+        names = [f"board{i}" for i in range(n_boards)]
+        self.keys = generate_keys(self.root / "keys", names)
+        # Memory caps (control/cgroup.py) and push telemetry (control/telemetry.py).
+        self.mem_cap_mib, self.telemetry_s = mem_cap_mib, telemetry_s
+        # launcher(name, argv) -> argv: how a board starts, e.g. under qemu (control/boards.py)
+        self.launcher = launcher
+        try:
+            self.boards = [self._spawn(n, budget_mib, threads, max_msg_mib) for n in names]
+            self._wait_listening(start_timeout)
+            self._connect(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, run_seed: int, timeout: float, workdir: Path | str | None) -> None:
+        """The controller-side state every cluster starts with (no boards, no links yet)."""
         self.timeout = timeout                  # s per request
         self.run_seed = run_seed
         self.step = 0
@@ -103,32 +120,27 @@ class LocalCluster:
         self.last_step_replies: dict[tuple[str, int], Message] = {}
         self._own_dir = workdir is None
         self.root = Path(tempfile.mkdtemp(prefix="edgert-cluster-") if workdir is None else workdir)
-        names = [f"board{i}" for i in range(n_boards)]
-        self.keys: KeyRing = generate_keys(self.root / "keys", names)
+        self.keys: KeyRing
         self.boards: list[BoardProc] = []
         self.t: ZmqTransport | None = None
         self._seq = itertools.count(1)
         self._fence = 0          # requests before the last fence(): late ERRORs are stale
         self._closed = False
-        # Memory caps (control/cgroup.py) and push telemetry (control/telemetry.py).
-        self.mem_cap_mib, self.telemetry_s = mem_cap_mib, telemetry_s
-        # launcher(name, argv) -> argv: how a board starts, e.g. under qemu (control/boards.py)
-        self.launcher = launcher
+        self.mem_cap_mib: float | None = None
+        self.telemetry_s: float | None = None
+        self.launcher: Callable[[str, list[str]], list[str]] | None = None
         self.cgroups: dict[str, MemoryCgroup] = {}
         self.telemetry: TelemetryClient | None = None
-        try:
-            self.boards = [self._spawn(n, budget_mib, threads, max_msg_mib) for n in names]
-            self._wait_listening(start_timeout)
-            self.t = ZmqTransport(CONTROLLER, keys=self.keys, max_msg_bytes=-1)
-            for b in self.boards:
-                self.t.connect(b.name, b.endpoint)
-            pubs = {b.name: self.request(b, Kind.HELLO, timeout=start_timeout).header.body.get(
-                "telemetry") for b in self.boards}
-            self.telemetry = TelemetryClient(self.keys, {
-                b.name: reachable(pubs[b.name], b.endpoint) for b in self.boards if pubs[b.name]})
-        except BaseException:
-            self.close()
-            raise
+
+    def _connect(self, timeout: float) -> None:
+        """Link to every board's endpoint, HELLO each one, subscribe to their telemetry."""
+        self.t = ZmqTransport(CONTROLLER, keys=self.keys, max_msg_bytes=-1)
+        for b in self.boards:
+            self.t.connect(b.name, b.endpoint)
+        pubs = {b.name: self.request(b, Kind.HELLO, timeout=timeout).header.body.get("telemetry")
+                for b in self.boards}
+        self.telemetry = TelemetryClient(self.keys, {
+            b.name: reachable(pubs[b.name], b.endpoint) for b in self.boards if pubs[b.name]})
 
     # ---- processes ------------------------------------------------------------------------------
     def _spawn(self, name: str, budget_mib: float | None, threads: int,

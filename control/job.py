@@ -146,8 +146,14 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
              seq: int = 64, lr: float = 2e-4, eval_examples: int = 256, seed: int = 0,
              threads: int | None = None, export: bool = True, configs: dict | None = None,
              tuning_db: str | Path | None = None, boards: bool = True,
-             head_split: bool = False) -> TrainReport:
+             head_split: bool = False, registry: str | Path | None = None,
+             board_names: list[str] | None = None, target: str = "host") -> TrainReport:
     """The main job: fine-tune a BERT checkpoint on Rotten Tomatoes through K compiled stages.
+
+    `registry`: train on running board daemons listed in a board registry (`KEYS/boards.json`,
+    written by boards/provision.sh) instead of local processes: the first K of `board_names`
+    (default: the registry's order) take the K stages (control/remote.py). `target`: what the
+    stages are compiled for (e.g. "arm64" for provisioned ARM boards; docs/targets.md).
 
     `head_split`: every attention layer runs split over each board's two backends at the split the
     board tunes when it loads its stage (docs/head_split.md); the choice is in `rep.boards`.
@@ -159,12 +165,18 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
     if head_split and not boards:
         raise ConfigError("head split runs on board processes (each splits its attention over "
                           "its own backends); drop --in-process or --head-split")
+    if registry is not None and not boards:
+        raise ConfigError("--registry names boards to train on: drop --in-process")
+    if registry is not None:                      # fail on a bad registry before compiling
+        from control.remote import read_registry
+
+        read_registry(registry, board_names)
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
     t0 = time.perf_counter()
     bundles = compile_bundles(model, out_dir / "bundles", stages=stages, split=split, batch=batch,
                               seq=seq, threads=threads, configs=configs, tuning_db=tuning_db,
-                              head_split=head_split)
+                              head_split=head_split, target=target)
     compile_s = time.perf_counter() - t0
     pipe = LocalPipeline(bundles, threads=threads, run_seed=seed)
     tok_file = model.path / "tokenizer.json"
@@ -172,7 +184,7 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
     ranges = parse_split(split, stages, model.dims.layers)
     rep = TrainReport(steps, len(ranges), ranges, batch, micro_batches, seq, compile_seconds=compile_s)
     train_and_evaluate(rep, pipe, bundles, train_enc, train_y, test_batches, lr=lr, seed=seed,
-                       threads=threads, boards=boards)
+                       threads=threads, boards=boards, registry=registry, board_names=board_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(asdict(rep), indent=1))
     if export:
@@ -185,7 +197,8 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
 
 def train_and_evaluate(rep: TrainReport, pipe: LocalPipeline, bundles: list[Path], train_enc,
                        train_y, test_batches, *, lr: float, seed: int, threads: int | None,
-                       boards: bool, label: str = "train") -> None:
+                       boards: bool, label: str = "train", registry: str | Path | None = None,
+                       board_names: list[str] | None = None) -> None:
     """Held-out metrics, `rep.steps` optimizer steps of `rep.micro_batches` x `rep.batch`
     sentences, held-out metrics again, all recorded in `rep`. With `boards`, stage i trains on
     local board process i and the trained weights and moments are loaded back into `pipe`
@@ -209,17 +222,14 @@ def train_and_evaluate(rep: TrainReport, pipe: LocalPipeline, bundles: list[Path
         bar.close()
 
     if boards:
-        from control.cluster import LocalCluster
-
         k = len(bundles)
-        per_board = max(1, (threads or len(os.sched_getaffinity(0))) // k)
-        print(f"  starting {k} local boards ({per_board} thread(s) each) ...", file=sys.stderr)
-        with LocalCluster(k, threads=per_board, run_seed=seed) as cluster:
+        with _cluster(k, threads, seed, registry, board_names) as cluster:
             cluster.deploy(bundles, micro_batches=rep.micro_batches)
             run(cluster)
             for i, b in enumerate(cluster.stages):
                 st = cluster.stats(i)
                 rep.boards.append({"name": b.name, "stage": i, "pid": b.proc.pid,
+                                   "endpoint": b.endpoint,
                                    "peak_rss_mib": st["peak_rss"] / 2 ** 20,
                                    "head_split": st.get("head_split")})
             pipe.load_state(cluster.params(), cluster.optimizer_state(), steps)
@@ -227,6 +237,24 @@ def train_and_evaluate(rep: TrainReport, pipe: LocalPipeline, bundles: list[Path
         run(pipe)
     loss, acc = pipe.evaluate(test_batches)
     rep.after = {"loss": loss, "accuracy": acc, "examples": len(test_batches) * batch}
+
+
+def _cluster(k: int, threads: int | None, seed: int, registry: str | Path | None,
+             board_names: list[str] | None):
+    """K local board processes, or the first K boards of a registry (control/remote.py)."""
+    if registry is not None:
+        from control.remote import AttachedCluster, read_registry
+
+        names = list(read_registry(registry, board_names))
+        if len(names) < k:
+            raise ConfigError(f"{k} stages need {k} boards; {registry} lists {names}")
+        print(f"  attaching to {k} boards of {registry}: {names[:k]} ...", file=sys.stderr)
+        return AttachedCluster(registry, names[:k], run_seed=seed)
+    from control.cluster import LocalCluster
+
+    per_board = max(1, (threads or len(os.sched_getaffinity(0))) // k)
+    print(f"  starting {k} local boards ({per_board} thread(s) each) ...", file=sys.stderr)
+    return LocalCluster(k, threads=per_board, run_seed=seed)
 
 
 class _Progress:

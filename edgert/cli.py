@@ -62,6 +62,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.head_split and (a.far is not None or a.peft):
         raise ConfigError("--head-split is available for full fine-tuning only for now: drop "
                           "--head-split, or --far / --peft")
+    if (a.registry or a.boards_named or a.target != "host") and (a.far is not None or a.peft):
+        raise ConfigError("--registry/--boards-named/--target are available for full "
+                          "fine-tuning for now: drop them, or --far / --peft")
+    if a.boards_named and not a.registry:
+        raise ConfigError("--boards-named picks boards of a registry: add --registry "
+                          "KEYS/boards.json")
     if a.far_freeze_embeddings and a.far is None:
         raise ConfigError("--far-freeze-embeddings goes with --far RETENTION, e.g. --far 0.4")
     if a.far is not None:
@@ -71,7 +77,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     rep = finetune(model_dir=a.model, out_dir=a.out, stages=a.stages or (None if a.split else 2),
                    split=a.split, steps=a.steps, batch=a.batch, micro_batches=a.micro_batches,
                    seq=a.seq, lr=a.lr, eval_examples=a.eval_examples, seed=a.seed, threads=a.threads,
-                   boards=not a.in_process, head_split=a.head_split, **_tuning(a))
+                   boards=not a.in_process, head_split=a.head_split, registry=a.registry,
+                   board_names=a.boards_named, target=a.target, **_tuning(a))
     print(rep.summary())
     for b in rep.boards:
         if b.get("head_split"):
@@ -488,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--head-split", action="store_true",
                    help="split every attention layer's heads over each board's two backends at "
                         "the split the board tunes on load (docs/head_split.md)")
+    t.add_argument("--registry", type=Path, default=None, metavar="KEYS/boards.json",
+                   help="train on running board daemons of this registry (boards/provision.sh "
+                        "--start writes it) instead of local processes (docs/boards.md)")
+    t.add_argument("--boards-named", type=lambda x: [n for n in x.split(",") if n], default=None,
+                   metavar="rk0,pi0", help="with --registry: which boards, in stage order")
+    t.add_argument("--target", default="host",
+                   help="compile the stages for this target (host, arm64, mali, adreno)")
     _tuning_flags(t)
     t.set_defaults(func=cmd_train)
     _fwdgrad_parser(sub)

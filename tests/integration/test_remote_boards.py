@@ -1,0 +1,118 @@
+"""Training on running board daemons from a registry (control/remote.py, `edgert train --registry`).
+
+Two `edgert serve` daemons are started here as independent processes (not by a cluster), with the
+keys of `edgert keys` and a registry like the one boards/provision.sh --start writes. The main job
+attached to them (real MiniLM, real Rotten Tomatoes, split 0:3,3:6, 3 steps of 2 x 2 x 16 tokens:
+the stages test_faults.py compiles, cached per CI session) must compute what the same job computes
+in one process: losses and held-out metrics equal (tolerance: rtol 1e-6, as tests/integration/
+test_cluster.py; measured bit-identical). Afterwards both daemons still run and answer a new
+controller. A bad registry, a missing board and a silent endpoint give errors that say what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from control.remote import AttachedCluster, read_registry
+from edgert.errors import BoardError, ConfigError
+from edgert.transport import generate_keys
+
+pytestmark = pytest.mark.slow
+NAMES = ["rk0", "rk1"]
+
+
+def _start(name: str, keys, workdir) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "edgert", "serve", "--name", name, "--port", "0",
+                             "--keys", str(keys), "--workdir", str(workdir / name), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        line = proc.stdout.readline().decode() if ready else ""
+        if line.startswith("edgert-board "):
+            return proc, line.split()[-1]
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"board {name} did not start")
+
+
+@pytest.fixture(scope="module")
+def daemons(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    keys = root / "keys"
+    generate_keys(keys, NAMES)
+    procs, reg = [], {}
+    try:
+        for n in NAMES:
+            p, ep = _start(n, keys, root)
+            procs.append(p)
+            reg[n] = {"endpoint": ep, "profile": "local", "arch": "x86_64"}
+        (keys / "boards.json").write_text(json.dumps(reg))
+        yield keys / "boards.json", procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_job_on_attached_boards_equals_the_in_process_job(daemons, tmp_path):
+    from control.job import finetune
+
+    registry, procs = daemons
+    kw = {"split": "0:3,3:6", "stages": None, "steps": 3, "batch": 2, "micro_batches": 2,
+          "seq": 16, "eval_examples": 4, "export": False, "configs": {}}
+    ref = finetune(out_dir=tmp_path / "ref", boards=False, **kw)
+    # in reverse registry order: stage 0 on rk1
+    rep = finetune(out_dir=tmp_path / "remote", registry=registry, board_names=["rk1", "rk0"], **kw)
+    np.testing.assert_allclose(rep.losses, ref.losses, rtol=1e-6)
+    assert rep.after["loss"] == pytest.approx(ref.after["loss"], rel=1e-6)
+    assert [b["name"] for b in rep.boards] == ["rk1", "rk0"]
+    assert all(p.poll() is None for p in procs)            # the daemons keep running
+    with AttachedCluster(registry) as c:                     # and answer a new controller
+        assert [b["name"] for b in c.describe()] == NAMES
+
+
+def test_a_silent_endpoint_is_named_within_the_start_timeout(daemons, tmp_path):
+    registry, _ = daemons
+    with socket.socket() as s:                              # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reg = json.loads(registry.read_text())
+    reg["ghost"] = {"endpoint": f"tcp://127.0.0.1:{port}"}
+    bad = registry.parent / "with_ghost.json"
+    bad.write_text(json.dumps(reg))
+    (registry.parent / "public" / "ghost.key").write_bytes(
+        (registry.parent / "public" / "rk0.key").read_bytes())
+    t0 = time.monotonic()
+    with pytest.raises(BoardError, match=r"ghost.*daemon running"):
+        AttachedCluster(bad, ["ghost"], start_timeout=1.0)
+    assert time.monotonic() - t0 < 10
+
+
+def test_bad_registries_say_how_to_fix_them(tmp_path):
+    p = tmp_path / "boards.json"
+    with pytest.raises(ConfigError, match="does not exist: boards/provision.sh --start"):
+        read_registry(p)
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="not readable JSON"):
+        read_registry(p)
+    p.write_text(json.dumps({"rk0": {"endpoint": "tcp://10.0.0.5:7700"}}))
+    assert read_registry(p) == {"rk0": "tcp://10.0.0.5:7700"}
+    with pytest.raises(ConfigError, match=r"'pi0' is not in .*\['rk0'\]"):
+        read_registry(p, ["pi0"])
+    p.write_text(json.dumps({"rk0": {"endpoint": "10.0.0.5"}}))
+    with pytest.raises(ConfigError, match="tcp://HOST:PORT"):
+        read_registry(p)
+    p.write_text(json.dumps({"rk0": {"endpoint": "tcp://127.0.0.1:1"}}))
+    with pytest.raises(ConfigError, match="key files missing"):
+        AttachedCluster(p, keys=tmp_path / "nokeys")
