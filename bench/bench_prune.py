@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,6 @@ def run(a: argparse.Namespace) -> dict:
             pipes["on" if on else "off"] = LocalPipeline([d])
         times: dict = {"on": [], "off": []}
         losses: dict = {"on": [], "off": []}
-        import time
         for s, b in enumerate(batches):
             for k in (("on", "off") if s % 2 == 0 else ("off", "on")):
                 t0 = time.perf_counter()

@@ -507,6 +507,10 @@ class LocalCluster:
                 b.proc.wait()
             if b.proc.stdout is not None:
                 b.proc.stdout.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Close the links, the telemetry subscriptions and the cgroups; drop our own workdir."""
         if self.t is not None:
             self.t.close()
         if self.telemetry is not None:

@@ -143,14 +143,6 @@ class AttachedCluster(LocalCluster):
 
     def close(self, timeout: float = 5.0) -> None:
         """Drop the links; the daemons keep running (they are not this controller's)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.t is not None:
-            self.t.close()
-        if self.telemetry is not None:
-            self.telemetry.close()
-        if self._own_dir:
-            import shutil
-
-            shutil.rmtree(self.root, ignore_errors=True)
+        if not self._closed:
+            self._closed = True
+            self._release()
