@@ -134,7 +134,8 @@ def stage_bundles(run: Run, job: Job, split: str, c: Any, fresh: bool) -> list[P
         run.far_plan = None
     plan = current_plan(run)
     name = split.replace(":", "-").replace(",", "_")
-    kw = {"split": split, "batch": job.batch, "seq": int(run.config.seq)}
+    kw = {"split": split, "batch": job.batch, "seq": int(run.config.seq),
+          "target": run.config.target}
     if plan is None:
         return compile_bundles(job.model, run.dir / "bundles" / name, progress=False, **kw)
     return compile_far_bundles(job.model, plan, job.model.weights,

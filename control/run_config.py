@@ -59,6 +59,10 @@ class RunConfig:
         0 = off. In run.toml also as a `[far]` table with keys retention, priming, selection.
     far_freeze_embeddings : FAR also freezes the embeddings after priming (`[far]`
         freeze_embeddings = true; FarConfig.freeze_embeddings).
+    registry, board_names : run on the running board daemons of this registry (KEYS/boards.json,
+        written by boards/provision.sh --start), the first `boards` of `board_names` ("rk0,pi0";
+        default: registry order), instead of local processes (docs/boards.md)
+    target : what the stages are compiled for ("host", "arm64", ...; docs/targets.md)
 
     Examples
     --------
@@ -97,6 +101,9 @@ class RunConfig:
     far_priming: float = 0.05
     far_selection: str = "l1"
     far_freeze_embeddings: bool = False
+    registry: str = ""
+    board_names: str = ""
+    target: str = "host"
 
     def __post_init__(self) -> None:
         positive = ("boards", "steps", "batch", "micro_batches", "seq", "checkpoint_every",
@@ -135,6 +142,13 @@ class RunConfig:
         if self.far_selection not in ("l1", "random"):
             raise ConfigError(f"run config: far selection must be 'l1' or 'random', got "
                               f"{self.far_selection!r}")
+        for name in ("registry", "board_names", "target"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"run config: {name} must be a string, got "
+                                  f"{getattr(self, name)!r}")
+        if self.board_names and not self.registry:
+            raise ConfigError("run config: board_names picks boards of a registry: set registry "
+                              "= \"KEYS/boards.json\" too")
         if not isinstance(self.far_freeze_embeddings, bool):
             raise ConfigError(f"run config: far freeze_embeddings must be true or false, got "
                               f"{self.far_freeze_embeddings!r}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from control import checkpoint as ckpt
 from control import far_run
-from edgert.errors import BoardError, TransportError
+from edgert.errors import BoardError, ConfigError, TransportError
 
 if TYPE_CHECKING:
     from control.run import Run
@@ -89,9 +89,21 @@ def train(run: Run) -> None:
         c = run.latest_checkpoint()
         if c is not None:
             run.alert("info", f"continuing from checkpoint step {c.step} ({c.path})")
-        cluster = run.cluster = LocalCluster(
-            cfg.boards, budget_mib=cfg.budget_mib or None, threads=threads_per_board(cfg),
-            run_seed=cfg.seed, timeout=cfg.timeout_s, workdir=run.dir / "boards")
+        if cfg.registry:          # running daemons (control/remote.py)
+            from control.remote import AttachedCluster, read_registry
+
+            names = list(read_registry(cfg.registry, [n for n in cfg.board_names.split(",")
+                                                      if n] or None))
+            if len(names) < cfg.boards:
+                raise ConfigError(f"run config: boards = {cfg.boards}, but {cfg.registry} "
+                                  f"gives {names}")
+            cluster = run.cluster = AttachedCluster(
+                cfg.registry, names[:cfg.boards], run_seed=cfg.seed, timeout=cfg.timeout_s,
+                workdir=run.dir / "boards")
+        else:
+            cluster = run.cluster = LocalCluster(
+                cfg.boards, budget_mib=cfg.budget_mib or None, threads=threads_per_board(cfg),
+                run_seed=cfg.seed, timeout=cfg.timeout_s, workdir=run.dir / "boards")
         deploy(run, job, initial_ranges(run, job), "resume" if c else "start", c)
         if c is None:     # no checkpoint 0: a failure before the first one restarts from step 0
             evaluate(run, job, None)

@@ -116,3 +116,26 @@ def test_bad_registries_say_how_to_fix_them(tmp_path):
     p.write_text(json.dumps({"rk0": {"endpoint": "tcp://127.0.0.1:1"}}))
     with pytest.raises(ConfigError, match="key files missing"):
         AttachedCluster(p, keys=tmp_path / "nokeys")
+
+
+def test_unattended_run_on_attached_boards_equals_the_local_run(daemons, tmp_path):
+    """`edgert run` with `registry` in run.toml: the same steps and losses as on local boards."""
+    from control.run import Run, RunConfig
+
+    registry, procs = daemons
+    kw = {"boards": 2, "split": "0:3,3:6", "steps": 2, "batch": 2, "seq": 16, "micro_batches": 2,
+          "checkpoint_every": 1, "eval_examples": 4, "threads": 1, "export_hf": False}
+
+    def losses(run_dir) -> list[float]:
+        evs = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+        return [e["loss"] for e in evs if e["kind"] == "step"]
+
+    local = Run(RunConfig(**kw), tmp_path / "local")
+    local.start()
+    remote = Run(RunConfig(**kw, registry=str(registry), board_names="rk1,rk0"), tmp_path / "rem")
+    remote.start()
+    assert local.state == remote.state == "finished"
+    np.testing.assert_allclose(losses(remote.dir), losses(local.dir), rtol=1e-6)
+    assert len(losses(remote.dir)) == 2 and all(p.poll() is None for p in procs)
+    with pytest.raises(ConfigError, match="board_names picks boards of a registry"):
+        RunConfig(board_names="rk0")
