@@ -115,6 +115,7 @@ class StepContext:
     prev: Peer | None = None    # link to stage - 1
     next: Peer | None = None    # link to stage + 1
     group: int = 0              # micro-batches per optimizer update; 0 = n_mb (loss scale 1/group)
+    keep_outputs: bool = False  # last stage: keep each F's outputs after the loss (e.g. logits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class StepResult:
     wait_s: float = 0.0         # s blocked on messages (wall time between advance calls)
     seconds: float = 0.0        # s from start to done
     max_versions: int = 1       # weight versions held at once (async)
+    outputs: dict[int, list[Any]] = field(default_factory=dict)  # mb -> outputs[1:] (keep_outputs)
 
 
 class StepRun:
@@ -182,6 +184,11 @@ class StepRun:
     @property
     def done(self) -> bool:
         return self.pc >= len(self.actions)
+
+    @property
+    def grads(self) -> list[Any] | None:
+        """Gradients accumulated since the last STEP (a timeline without STEP: gradient checks)."""
+        return self._acc
 
     def advance(self, inbox: Inbox) -> bool:
         """Run actions until one waits for a message; True once the whole timeline has run."""
@@ -254,6 +261,8 @@ class StepRun:
         self._saved[mb] = saved
         if m.is_last:
             self.result.losses[mb] = float(to_numpy(outs[0]).reshape(-1)[0])
+            if self.ctx.keep_outputs:
+                self.result.outputs[mb] = list(outs[1:])
         else:
             self._out[mb] = outs[0]
         return True

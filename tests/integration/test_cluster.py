@@ -124,6 +124,7 @@ def _reference_2bw(bundles, micro, group, opt):
     applied to the newest version: W(g+1) = W(g) - update(grad at W(g-1))."""
     pipe = LocalPipeline(bundles)
     versions, losses = {0: pipe.params()}, []
+    moments = [(st.zeros_like_params(), st.zeros_like_params()) for st in pipe.stages]   # AdamW
     for g in range(len(micro) // group):
         for st in pipe.stages:
             st.set_params(versions[max(0, g - 1)])
@@ -135,7 +136,7 @@ def _reference_2bw(bundles, micro, group, opt):
             acc = gr if acc is None else [st.accumulate(a, b) for st, a, b in zip(pipe.stages, acc, gr)]
         for st in pipe.stages:
             st.set_params(versions[g])
-        for st, gg, m, v in zip(pipe.stages, acc, pipe.m, pipe.v, strict=True):
+        for st, gg, (m, v) in zip(pipe.stages, acc, moments, strict=True):
             st.optimizer_step(gg, m, v, opt.hyper(g + 1))
         versions[g + 1] = pipe.params()
     return losses, versions[len(micro) // group]
