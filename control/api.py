@@ -337,15 +337,13 @@ class RunHandle:
 
         if isinstance(texts, str) or not texts:
             raise ConfigError("classify(texts): give a non-empty list of sentences")
-        bundles = list(getattr(self.run, "_bundles", None) or [])
-        if not bundles:
+        bundles = list(self.run.bundles)
+        if not bundles or self.run.mode is None:
             raise ConfigError(f"run {self.run_dir} has no compiled stages yet; wait for it to "
                               f"start (or finish) before classify()")
-        from control.far_run import to_far_layout
-
         pipe = LocalPipeline(bundles, run_seed=self.config.seed)
         # The checkpoint loads in the dense layout; FAR stages hold their reconfigured one.
-        pipe.load_state(to_far_layout(self.run, self.run.final_params()), None, 0)
+        pipe.load_state(self.run.mode.to_deployed(self.run.final_params()), None, 0)
         tok = Tokenizer(_model_dir(self.config.model) / "tokenizer.json")
         B, T = pipe.batch_size, pipe.seq_len
         padded = list(texts) + [texts[-1]] * (-len(texts) % B)     # the compiled batch is B

@@ -65,10 +65,9 @@ class Checkpoint:
             for k, v in load_file(str(self.path / f)).items():
                 (opt if k.startswith(("m/", "v/")) else params)[k] = v
         if dense and self.meta.get("far"):
-            from compiler.far import restore
-            from control.far_run import plan_of
+            from compiler.far import FarPlan, restore
 
-            params = restore(params, plan_of(self.meta))
+            params = restore(params, FarPlan.from_dict(self.meta["far"]))
         return params, opt
 
 

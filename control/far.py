@@ -1,26 +1,42 @@
-"""FAR run mode: prime with every parameter trainable, select learner FFN nodes, recompile the
-stages with reconfigured FFNs, carry weights and AdamW state over, and continue (docs/far.md).
+"""FAR (docs/far.md): prime with every parameter trainable, select learner FFN nodes, recompile
+the stages with reconfigured FFNs, carry weights and AdamW state over, and continue.
+
+FAR is a mode of the one loop (control/loop.py), `FarMode`: it compiles dense stages until the
+priming steps are done; at that step boundary it pulls weights and moments from the stages (in
+this process or on boards), picks the plan, compiles the reconfigured stages, deploys them on the
+same boards in place (as a live re-plan does) and sets the state in the FAR layout at the same
+step. Frozen parts keep their primed values; their moments are dropped (`load_state` takes moments
+of trained tensors only).
 
     edgert train --far 0.4                          # the README job on 2 boards, FAR at 40%
     edgert train --far 0.4 --in-process             # the same in this process
+
+[Note: FAR in runs] A run with `far_retention > 0` trains everything for
+`FarConfig.priming_steps(steps)` steps, then switches. The plan is a pure function of the primed
+weights, and those are a pure function of (seed, step) in sync mode, so a run recovered from a
+checkpoint taken before the switch redoes the priming and arrives at the same plan; a checkpoint
+taken after it carries the plan in meta.json ("far") and stores the FAR layout
+(`Checkpoint.load()` returns the dense one, `load(dense=False)` the stored one).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from compiler.far import FarPlan, far_spec, learner_count, node_scores, reconfigure, restore, select
 from compiler.model_spec import EMBED_PARAMS, parse_split, split_qkv, stage_specs
-from control.local import LocalPipeline, OptimConfig
+from control.connect import ClusterConfig
+from control.local import LocalPipeline
+from control.modes import Compile, Dense
+from control.train import train
 from edgert.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,6 +83,18 @@ def plan_from_priming(before: dict[str, np.ndarray], after: dict[str, np.ndarray
     return select(node_scores(before, after, range(layers)), r, cfg.selection, cfg.seed, freeze)
 
 
+def plan_of(meta: dict[str, Any]) -> FarPlan | None:
+    """The FAR plan a checkpoint's meta.json records (None: dense stages)."""
+    d = meta.get("far")
+    return FarPlan.from_dict(d) if d else None
+
+
+def far_moments(opt: dict[str, np.ndarray], plan: FarPlan) -> dict[str, np.ndarray]:
+    """AdamW moments ("m/<name>", "v/<name>") in the FAR layout (frozen parts' moments included;
+    loaders keep only those of trained tensors)."""
+    return reconfigure(reconfigure(opt, plan, prefix="m/"), plan, prefix="v/")
+
+
 def compile_far_bundles(model, plan: FarPlan, weights: dict[str, np.ndarray],
                         out_dir: str | Path, *,
                         stages: int | None = None, split: str | None = None, batch: int = 8,
@@ -86,84 +114,128 @@ def compile_far_bundles(model, plan: FarPlan, weights: dict[str, np.ndarray],
     out = []
     for spec in stage_specs(parse_split(split, stages, model.dims.layers), batch, seq):
         d = Path(out_dir) / f"stage{spec.index}"
-        build_bundle(d, model.dims, far_spec(spec, plan, freeze), arch, far_w, model.model_id, model.sha256,
-                     configs=configs)
+        build_bundle(d, model.dims, far_spec(spec, plan, freeze), arch, far_w, model.model_id,
+                     model.sha256, configs=configs)
         out.append(d)
     return out
 
 
 def switch_to_far(pipe: LocalPipeline, model, plan: FarPlan, out_dir: str | Path, **compile_kw
                   ) -> LocalPipeline:
-    """A FAR pipeline continuing `pipe` exactly: same weights (regrouped), the learner parts' AdamW
-    moments, the same step count; frozen parts keep their primed values and lose their moments."""
+    """A new in-process FAR pipeline continuing `pipe` exactly (which is left as it is): same
+    weights (regrouped), the learner parts' AdamW moments, the same step count; frozen parts keep
+    their primed values and lose their moments. For side-by-side checks; runs switch in place
+    (`FarMode`)."""
     params = pipe.params()
     bundles = compile_far_bundles(model, plan, params, out_dir, **compile_kw)
     far = LocalPipeline(bundles, threads=compile_kw.get("threads"), run_seed=pipe.run_seed)
-    opt = pipe.optimizer_state()
-    opt = reconfigure(reconfigure(opt, plan, prefix="m/"), plan, prefix="v/")
-    far.load_state(reconfigure(params, plan), opt, pipe.step)
+    far.load_state(reconfigure(params, plan), far_moments(pipe.optimizer_state(), plan), pipe.step)
     return far
 
 
-def train_far(model, far: FarConfig, micro: Callable[[int], list[dict[str, np.ndarray]]],
-              steps: int, opt: OptimConfig, out_dir: str | Path, *, boards: bool = False,
-              stages: int | None = None, split: str | None = None, batch: int = 8,
-              micro_batches: int = 2, seq: int = 64, seed: int = 0, threads: int | None = None,
-              configs: dict | None = None) -> dict:
-    """Prime, select, reconfigure and train to `steps`, in this process or on local boards.
+class FarMode:
+    """FAR as a mode of the one loop (see the module docstring and control/loop.py `Mode`).
 
-    `micro(step)` gives the micro-batches of optimizer step `step` (1-based). With `boards`, one
-    `edgert serve` process per stage trains, and the switch redeploys FAR bundles on the same
-    processes (`control.far_run.switch_cluster`). Returns {"pipe": an in-process FAR pipeline
-    holding the final weights and moments, "plan", "losses", "step_seconds", "boards"}.
+    `compile_dense(split, out)` compiles the dense stages (the priming ones); the FAR stages of a
+    split go next to them (`out.parent / "far-<name>"`), compiled with `compile_kw` (batch, seq,
+    target, threads, configs). `plan_file`: where the chosen plan is saved; `announce`: print the
+    switch on stderr too (besides the loop's alert).
     """
-    from control.job import compile_bundles
 
+    def __init__(self, far: FarConfig, model: Any, steps: int, compile_dense: Compile, *,
+                 plan_file: Path | None = None, announce: bool = False,
+                 **compile_kw: Any) -> None:
+        self.far, self.model, self.steps = far, model, steps
+        self._dense = Dense(compile_dense)
+        self.plan_file, self.announce, self.compile_kw = plan_file, announce, compile_kw
+        self.plan: FarPlan | None = None
+        self.switched_at: int | None = None      # the step after which FAR took over
+        self._far: tuple[FarPlan, Dense] | None = None   # the FAR stages of the current plan
+
+    def compile(self, split: str, out: Path) -> list[Path]:
+        plan = self.plan
+        if plan is None:
+            return self._dense.compile(split, out)
+        if self._far is None or self._far[0] != plan:
+            self._far = (plan, Dense(lambda sp, o: compile_far_bundles(
+                self.model, plan, self.model.weights, o, split=sp, **self.compile_kw)))
+        return self._far[1].compile(split, out.parent / f"far-{out.name}")
+
+    def dense(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return params if self.plan is None else restore(params, self.plan)
+
+    def to_deployed(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Dense-layout weights in the layout of the deployed stages; idempotent."""
+        return params if self.plan is None else reconfigure(params, self.plan)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {} if self.plan is None else {"far": self.plan.to_dict()}
+
+    def restore(self, meta: dict[str, Any] | None) -> None:
+        self.plan = None if meta is None else plan_of(meta)
+
+    def at_boundary(self, loop: Any) -> bool:
+        """After priming, switch the running stages to FAR in place (True if it switched now)."""
+        far, steps = self.far, self.steps
+        if self.plan is not None or not far.priming_steps(steps) <= loop.step < steps:
+            return False
+        t0 = time.perf_counter()
+        params, opt = loop.gather(True)
+        dims = self.model.dims
+        plan = plan_from_priming(self.model.weights, params, dims.layers, dims.ffn, far)
+        if self.plan_file is not None:
+            plan.save(self.plan_file)
+        if self.announce:
+            print(f"  FAR: primed {loop.step} steps; {plan.learners}/{dims.ffn} learner FFN "
+                  f"nodes per layer ({far.selection}); recompiling ...", file=sys.stderr)
+        self.plan, self.switched_at = plan, loop.step
+        parts = loop.deploy(loop.ranges, "far", None,
+                            (reconfigure(params, plan), far_moments(opt, plan), loop.step))
+        loop.alert("info", f"step {loop.step}: FAR on, {plan.learners}/{dims.ffn} learner FFN "
+                           f"nodes per layer ({far.selection}) in {time.perf_counter() - t0:.1f} s "
+                           f"(compile {parts['compile_s']:.1f} s)")
+        return True
+
+
+# ---- the job without a run directory (`edgert train --far`) --------------------------------------
+
+def train_far(model, far: FarConfig, job: Any, steps: int, out_dir: str | Path, *,
+              boards: bool = False, stages: int | None = None, split: str | None = None,
+              seq: int = 64, seed: int = 0, threads: int | None = None,
+              configs: dict | None = None) -> dict:
+    """Prime, select, reconfigure and train `job` (control.job.Job) to `steps` through the one
+    loop, in this process or on local boards (`boards`: one `edgert serve` per stage; threads:
+    [Note: threads per board] in control/connect.py), evaluating before and after.
+
+    Returns {"pipe": an in-process FAR pipeline holding the final weights and moments, "plan",
+    "losses", "step_seconds" ({"priming": [...], "far": [...]}), "boards", "before", "after"}.
+    """
     out_dir = Path(out_dir)
-    ck = {"stages": stages, "split": split, "batch": batch, "seq": seq, "threads": threads}
-    bundles = compile_bundles(model, out_dir / "bundles", configs=configs, progress=False, **ck)
-    res: dict = {"losses": [], "step_seconds": {"priming": [], "far": []}, "boards": []}
-    n_prime = far.priming_steps(steps)
+    ranges = parse_split(split, stages, model.dims.layers)
+    kw = {"batch": job.batch, "seq": seq, "threads": threads, "configs": configs}
 
-    def run(tr, first: int, last: int, key: str) -> None:
-        for s in range(first, last + 1):
-            mb = micro(s)
-            t = time.perf_counter()
-            res["losses"].append(tr.train_step(mb, opt))
-            res["step_seconds"][key].append(time.perf_counter() - t)
+    def compile_dense(sp: str, out: Path) -> list[Path]:
+        from control.job import compile_bundles
 
-    def select_plan(tr) -> FarPlan:
-        plan = plan_from_priming(model.weights, tr.params(), model.dims.layers, model.dims.ffn,
-                                 far)
-        plan.save(out_dir / "far_plan.json")
-        print(f"  FAR: primed {n_prime} steps; {plan.learners}/{model.dims.ffn} learner FFN "
-              f"nodes per layer ({far.selection}); recompiling ...", file=sys.stderr)
-        return plan
+        return compile_bundles(model, out, split=sp, progress=False, **kw)
 
-    if not boards:
-        pipe = LocalPipeline(bundles, threads=threads, run_seed=seed)
-        run(pipe, 1, n_prime, "priming")
-        plan = select_plan(pipe)
-        pipe = switch_to_far(pipe, model, plan, out_dir / "far_bundles", configs=configs, **ck)
-        run(pipe, n_prime + 1, steps, "far")
-        return {**res, "pipe": pipe, "plan": plan}
-    from control.cluster import LocalCluster
-    from control.far_run import switch_cluster
-
-    per_board = max(1, (threads or len(os.sched_getaffinity(0))) // len(bundles))
-    with LocalCluster(len(bundles), threads=per_board, run_seed=seed) as cluster:
-        cluster.deploy(bundles, micro_batches=micro_batches)
-        run(cluster, 1, n_prime, "priming")
-        plan = select_plan(cluster)
-        far_bundles = switch_cluster(cluster, model, plan, out_dir / "far_bundles",
-                                     micro_batches=micro_batches, configs=configs, **ck)
-        run(cluster, n_prime + 1, steps, "far")
-        res["boards"] = [{"name": b.name, "stage": i, "pid": b.proc.pid,
-                          "peak_rss_mib": cluster.stats(i)["peak_rss"] / 2 ** 20}
-                         for i, b in enumerate(cluster.stages)]
-        pipe = LocalPipeline(far_bundles, threads=threads, run_seed=seed)
-        pipe.load_state(cluster.params(), cluster.optimizer_state(), cluster.step)
-    return {**res, "pipe": pipe, "plan": plan}
+    mode = FarMode(far, model, steps, compile_dense, plan_file=out_dir / "far_plan.json",
+                   announce=True, **kw)
+    where = ClusterConfig(boards=len(ranges), in_process=not boards, threads=threads or 0)
+    res = train(job, mode, where, ranges, out_dir / "bundles", steps=steps, seed=seed,
+                progress=False, keep_optimizer=True)
+    if mode.plan is None or mode.switched_at is None:
+        raise ConfigError(f"FAR never switched: {steps} steps leave no step after the "
+                          f"{far.priming_steps(steps)} priming ones; train more steps")
+    pipe = LocalPipeline(mode.compile(",".join(f"{a}:{b}" for a, b in ranges),
+                                      out_dir / "bundles"), threads=threads, run_seed=seed)
+    pipe.load_state(res.params, res.opt, steps)
+    n = mode.switched_at
+    return {"pipe": pipe, "plan": mode.plan, "losses": res.losses,
+            "step_seconds": {"priming": res.step_seconds[:n], "far": res.step_seconds[n:]},
+            "boards": [{k: b[k] for k in ("name", "stage", "pid", "peak_rss_mib")}
+                       for b in res.boards],
+            "before": res.metrics(0, ("loss", "accuracy")), "after": res.metrics(-1)}
 
 
 def finetune_far(*, far: FarConfig, model_dir=None, out_dir: str | Path = "runs/far",
@@ -196,46 +268,24 @@ def finetune_far(*, far: FarConfig, model_dir=None, out_dir: str | Path = "runs/
     >>> rep["after"]["accuracy"]                                      # doctest: +SKIP
     0.77
     """
-    from control.data import iterate_batches
-    from control.job import load_model, rotten_tomatoes_batches
+    from control.job import load_model, make_job
 
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
-    train_enc, train_y, test = rotten_tomatoes_batches(model.path / "tokenizer.json", seq, batch,
-                                                       eval_examples, seed)
-    opt = OptimConfig(lr=lr, warmup_steps=max(1, steps // 10), total_steps=steps)
-    it = iterate_batches(train_enc, train_y, batch, seed, 0)
-
-    def micro(_step: int) -> list[dict[str, np.ndarray]]:     # steps come in order
-        return [next(it)[1].as_dict() for _ in range(micro_batches)]
-
-    before = LocalPipeline(compile_bundles_for(model, out_dir, stages, split, batch, seq, threads,
-                                               configs), threads=threads, run_seed=seed)
-    loss, acc = before.evaluate(test)
-    del before
-    r = train_far(model, far, micro, steps, opt, out_dir, boards=boards, stages=stages,
-                  split=split, batch=batch, micro_batches=micro_batches, seq=seq, seed=seed,
-                  threads=threads, configs=configs)
+    job = make_job(model, steps=steps, batch=batch, micro_batches=micro_batches, seq=seq, lr=lr,
+                   eval_examples=eval_examples, seed=seed)
+    r = train_far(model, far, job, steps, out_dir, boards=boards, stages=stages, split=split,
+                  seq=seq, seed=seed, threads=threads, configs=configs)
     pipe, plan = r["pipe"], r["plan"]
     rep: dict = {"far": asdict(far), "steps": steps, "batch": batch, "micro_batches": micro_batches,
-                 "seq": seq, "before": {"loss": loss, "accuracy": acc}, "losses": r["losses"],
-                 "step_seconds": r["step_seconds"], "boards": r["boards"]}
-    loss, acc = pipe.evaluate(test)
-    rep["after"] = {"loss": loss, "accuracy": acc, "examples": len(test) * batch}
-    rep.update(learners=plan.learners, ffn=model.dims.ffn, plan=str(out_dir / "far_plan.json"))
+                 "seq": seq, "before": r["before"], "losses": r["losses"],
+                 "step_seconds": r["step_seconds"], "boards": r["boards"], "after": r["after"],
+                 "learners": plan.learners, "ffn": model.dims.ffn,
+                 "plan": str(out_dir / "far_plan.json")}
     (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
     if export:
         export_far(out_dir / "hf_model", model, pipe.params(), plan)
     return rep
-
-
-def compile_bundles_for(model, out_dir: Path, stages, split, batch, seq, threads, configs
-                        ) -> list[Path]:
-    """The dense bundles `train_far` compiles first (cached): for the evaluation before."""
-    from control.job import compile_bundles
-
-    return compile_bundles(model, out_dir / "bundles", stages=stages, split=split, batch=batch,
-                           seq=seq, threads=threads, configs=configs, progress=False)
 
 
 def export_far(path: str | Path, model, params: dict[str, np.ndarray], plan: FarPlan) -> Path:

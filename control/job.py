@@ -1,14 +1,14 @@
-"""The host-side job: load a checkpoint, compile its stages, fine-tune, evaluate, export.
+"""The BERT text-classification job: the checkpoint, its compiled stages, the Rotten Tomatoes data
+order and evaluation (`Job`), and `finetune` (`edgert train`: the job without a run directory).
 
-This is what the README's first command runs (`edgert train` with every default), and what the
-notebook API builds on.
+An unattended run with checkpoints (control/run.py, the README's first command) trains the same
+`Job` through the same loop (control/loop.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from compiler.model_spec import ModelDims, fuse_qkv, parse_split, split_qkv, stage_specs
+from control.connect import ClusterConfig
 from control.local import LocalPipeline, OptimConfig
+from control.modes import Dense
+from control.train import train
 from edgert.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,9 @@ class Model:
         return split_qkv(self.weights)
 
 
-def load_model(model_dir: str | Path | None = None, num_labels: int = 2, head_seed: int = 0) -> Model:
-    """Read a Hugging Face BERT folder (default: the installed all-MiniLM-L6-v2) and add a new head."""
+def load_model(model_dir: str | Path | None = None, num_labels: int = 2,
+               head_seed: int = 0) -> Model:
+    """Read a Hugging Face BERT folder (default: the installed all-MiniLM-L6-v2), add a new head."""
     from compiler.hf import default_model_dir, init_head, load_bert
 
     path = Path(model_dir) if model_dir else default_model_dir()
@@ -62,7 +66,8 @@ def compile_bundles(model: Model, out_dir: str | Path, *, stages: int | None = N
     the board tunes when it loads the stage (docs/head_split.md).
 
     `configs`: kernel configs by workload key; None = the board's tuning database (`tuning_db`, by
-    default compiler.tuning.default_db_path(), if it exists); {} = the kernels' default schedules."""
+    default compiler.tuning.default_db_path(), if it exists); {} = the kernels' default
+    schedules."""
     from compiler.arch import get_arch
     from compiler.build import build_bundle
 
@@ -81,8 +86,8 @@ def compile_bundles(model: Model, out_dir: str | Path, *, stages: int | None = N
     for spec in stage_specs(ranges, batch, seq, dropout):
         t0 = time.perf_counter()
         if progress:
-            print(f"  compiling stage {spec.index + 1}/{len(ranges)} (layers {spec.first}..{spec.last - 1}"
-                  f", target {target}) ...", end="", flush=True, file=sys.stderr)
+            print(f"  compiling stage {spec.index + 1}/{len(ranges)} (layers {spec.first}.."
+                  f"{spec.last - 1}, target {target}) ...", end="", flush=True, file=sys.stderr)
         d = Path(out_dir) / f"stage{spec.index}"
         m = build_bundle(d, model.dims, spec, arch, model.weights, model.model_id, model.sha256,
                          configs=configs, head_split=head_split)
@@ -90,6 +95,60 @@ def compile_bundles(model: Model, out_dir: str | Path, *, stages: int | None = N
             print(f" {m.kernels} kernels, {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         out.append(d)
     return out
+
+
+@dataclass
+class Job:
+    """What one BERT classification job is, prepared once: model, data order, optimizer.
+
+    The data order and the dropout seeds are pure functions of (seed, step, micro-batch), so a
+    resumed or recovered run computes what the uninterrupted one does (control/run.py)."""
+
+    model: Model
+    train_enc: dict[str, np.ndarray]
+    train_y: np.ndarray
+    test_batches: list[dict[str, np.ndarray]]
+    opt: OptimConfig
+    batch: int
+    micro_batches: int
+    seed: int
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.train_y) // self.batch
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where the data order stands after `step` optimizer steps."""
+        done = step * self.micro_batches
+        epoch, pos = divmod(done, self.per_epoch)
+        return {"epoch": epoch, "position": pos, "batches_done": done}
+
+    def micro(self, step: int) -> list[dict[str, np.ndarray]]:
+        """The micro-batches of optimizer step `step` (1-based): a pure function of the step."""
+        from control.data import iterate_batches
+
+        out = []
+        for j in range(self.micro_batches):
+            epoch, pos = divmod((step - 1) * self.micro_batches + j, self.per_epoch)
+            _, b = next(iterate_batches(self.train_enc, self.train_y, self.batch, self.seed,
+                                        epoch, pos))
+            out.append(b.as_dict())
+        return out
+
+    def evaluate(self, pipe: LocalPipeline) -> dict[str, float]:
+        """Held-out loss and accuracy (dropout off)."""
+        loss, acc = pipe.evaluate(self.test_batches)
+        return {"loss": loss, "accuracy": acc, "examples": len(self.test_batches) * self.batch}
+
+
+def make_job(model: Model, *, steps: int, batch: int, micro_batches: int, seq: int, lr: float,
+             eval_examples: int, seed: int, warmup_steps: int | None = None) -> Job:
+    """The Rotten Tomatoes job for `model` (warm-up: `warmup_steps`, default steps // 10)."""
+    enc, y, test = rotten_tomatoes_batches(model.path / "tokenizer.json", seq, batch,
+                                           eval_examples, seed)
+    warm = max(1, steps // 10) if warmup_steps is None else warmup_steps
+    opt = OptimConfig(lr=lr, warmup_steps=warm, total_steps=steps)
+    return Job(model, enc, np.asarray(y), test, opt, batch, micro_batches, seed)
 
 
 @dataclass
@@ -110,20 +169,23 @@ class TrainReport:
     def summary(self) -> str:
         b, a = self.before, self.after
         med = float(np.median(self.step_seconds)) if self.step_seconds else float("nan")
+        nan = float("nan")
         return "\n".join([
             f"fine-tuned {self.steps} steps on {self.stages} compiled stage(s) {self.split}, "
             f"{self.micro_batches} x {self.batch} sequences of {self.seq} tokens per step",
-            f"  held-out loss     {b.get('loss', float('nan')):.4f} -> {a.get('loss', float('nan')):.4f}",
-            f"  held-out accuracy {100 * b.get('accuracy', 0):.1f}% -> {100 * a.get('accuracy', 0):.1f}%"
-            f"  ({a.get('examples', 0)} sentences)",
-            f"  train loss first/last {self.losses[0]:.4f} / {self.losses[-1]:.4f}" if self.losses else "",
+            f"  held-out loss     {b.get('loss', nan):.4f} -> {a.get('loss', nan):.4f}",
+            f"  held-out accuracy {100 * b.get('accuracy', 0):.1f}% -> "
+            f"{100 * a.get('accuracy', 0):.1f}%  ({a.get('examples', 0)} sentences)",
+            f"  train loss first/last {self.losses[0]:.4f} / {self.losses[-1]:.4f}"
+            if self.losses else "",
             f"  median step {1000 * med:.0f} ms; compile {self.compile_seconds:.1f}s",
-            *(f"  {b['name']}: stage {b['stage']}, peak RSS {b['peak_rss_mib']:.0f} MiB (pid {b['pid']})"
-              for b in self.boards),
+            *(f"  {b['name']}: stage {b['stage']}, peak RSS {b['peak_rss_mib']:.0f} MiB "
+              f"(pid {b['pid']})" for b in self.boards),
         ])
 
 
-def rotten_tomatoes_batches(tokenizer_file: Path, seq: int, batch: int, eval_examples: int, seed: int):
+def rotten_tomatoes_batches(tokenizer_file: Path, seq: int, batch: int, eval_examples: int,
+                            seed: int):
     """Tokenised train/test splits of the Rotten Tomatoes sentence-polarity set."""
     from control.data import Tokenizer, load_rotten_tomatoes, split
 
@@ -160,7 +222,8 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
 
     With `boards` (the default) every stage runs on its own local board process (edgert serve, CURVE
     ZeroMQ on 127.0.0.1) in 1F1B pipeline order; otherwise all stages run in this process. Held-out
-    evaluation and the export run in this process, on the weights the boards return.
+    evaluation and the export run in this process, on the weights the boards return. `threads`:
+    see [Note: threads per board] in control/connect.py.
     """
     if head_split and not boards:
         raise ConfigError("head split runs on board processes (each splits its attention over "
@@ -173,110 +236,45 @@ def finetune(*, model_dir=None, out_dir: str | Path = "runs/quickstart", stages:
         read_registry(registry, board_names)
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
-    t0 = time.perf_counter()
-    bundles = compile_bundles(model, out_dir / "bundles", stages=stages, split=split, batch=batch,
-                              seq=seq, threads=threads, configs=configs, tuning_db=tuning_db,
-                              head_split=head_split, target=target)
-    compile_s = time.perf_counter() - t0
-    pipe = LocalPipeline(bundles, threads=threads, run_seed=seed)
-    tok_file = model.path / "tokenizer.json"
-    train_enc, train_y, test_batches = rotten_tomatoes_batches(tok_file, seq, batch, eval_examples, seed)
     ranges = parse_split(split, stages, model.dims.layers)
-    rep = TrainReport(steps, len(ranges), ranges, batch, micro_batches, seq, compile_seconds=compile_s)
-    train_and_evaluate(rep, pipe, bundles, train_enc, train_y, test_batches, lr=lr, seed=seed,
-                       threads=threads, boards=boards, registry=registry, board_names=board_names)
+
+    def compile_fn(sp: str, out: Path) -> list[Path]:
+        return compile_bundles(model, out, split=sp, batch=batch, seq=seq, threads=threads,
+                               configs=configs, tuning_db=tuning_db, head_split=head_split,
+                               target=target)
+
+    mode = Dense(compile_fn)
+    where = ClusterConfig(boards=len(ranges), in_process=not boards,
+                          registry=str(registry or ""), board_names=tuple(board_names or ()),
+                          threads=threads or 0)
+    rep, params = train_report(model, mode, where, ranges, out_dir, steps=steps, batch=batch,
+                               micro_batches=micro_batches, seq=seq, lr=lr,
+                               eval_examples=eval_examples, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(asdict(rep), indent=1))
     if export:
         from compiler.export import export_hf
 
-        export_hf(out_dir / "hf_model", model.config, split_qkv(pipe.params()), model.path, 2,
+        export_hf(out_dir / "hf_model", model.config, split_qkv(params), model.path, 2,
                   id2label=["negative", "positive"])
     return rep
 
 
-def train_and_evaluate(rep: TrainReport, pipe: LocalPipeline, bundles: list[Path], train_enc,
-                       train_y, test_batches, *, lr: float, seed: int, threads: int | None,
-                       boards: bool, label: str = "train", registry: str | Path | None = None,
-                       board_names: list[str] | None = None) -> None:
-    """Held-out metrics, `rep.steps` optimizer steps of `rep.micro_batches` x `rep.batch`
-    sentences, held-out metrics again, all recorded in `rep`. With `boards`, stage i trains on
-    local board process i and the trained weights and moments are loaded back into `pipe`
-    (which evaluates); otherwise `pipe` trains in this process."""
-    from control.data import iterate_batches
-
-    steps, batch = rep.steps, rep.batch
-    loss, acc = pipe.evaluate(test_batches)
-    rep.before = {"loss": loss, "accuracy": acc, "examples": len(test_batches) * batch}
-    opt = OptimConfig(lr=lr, warmup_steps=max(1, steps // 10), total_steps=steps)
-    it = iterate_batches(train_enc, train_y, batch, seed, 0)
-
-    def run(trainer) -> None:
-        bar = _Progress(steps, label)
-        for _ in range(steps):
-            micro = [next(it)[1].as_dict() for _ in range(rep.micro_batches)]
-            t = time.perf_counter()
-            rep.losses.append(trainer.train_step(micro, opt))
-            rep.step_seconds.append(time.perf_counter() - t)
-            bar.update(f"loss {rep.losses[-1]:.4f}")
-        bar.close()
-
-    if boards:
-        k = len(bundles)
-        with _cluster(k, threads, seed, registry, board_names) as cluster:
-            cluster.deploy(bundles, micro_batches=rep.micro_batches)
-            run(cluster)
-            for i, b in enumerate(cluster.stages):
-                st = cluster.stats(i)
-                rep.boards.append({"name": b.name, "stage": i, "pid": b.proc.pid,
-                                   "endpoint": b.endpoint,
-                                   "peak_rss_mib": st["peak_rss"] / 2 ** 20,
-                                   "head_split": st.get("head_split")})
-            pipe.load_state(cluster.params(), cluster.optimizer_state(), steps)
-    else:
-        run(pipe)
-    loss, acc = pipe.evaluate(test_batches)
-    rep.after = {"loss": loss, "accuracy": acc, "examples": len(test_batches) * batch}
-
-
-def _cluster(k: int, threads: int | None, seed: int, registry: str | Path | None,
-             board_names: list[str] | None):
-    """K local board processes, or the first K boards of a registry (control/remote.py)."""
-    if registry is not None:
-        from control.remote import AttachedCluster, read_registry
-
-        names = list(read_registry(registry, board_names))
-        if len(names) < k:
-            raise ConfigError(f"{k} stages need {k} boards; {registry} lists {names}")
-        print(f"  attaching to {k} boards of {registry}: {names[:k]} ...", file=sys.stderr)
-        return AttachedCluster(registry, names[:k], run_seed=seed)
-    from control.cluster import LocalCluster
-
-    per_board = max(1, (threads or len(os.sched_getaffinity(0))) // k)
-    print(f"  starting {k} local boards ({per_board} thread(s) each) ...", file=sys.stderr)
-    return LocalCluster(k, threads=per_board, run_seed=seed)
-
-
-class _Progress:
-    """A dependency-free progress bar on stderr (one line, rewritten)."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.n, self.t0 = total, label, 0, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, note: str = "") -> None:
-        self.n += 1
-        el = time.perf_counter() - self.t0
-        eta = el / self.n * (self.total - self.n)
-        w = 24
-        fill = int(w * self.n / max(1, self.total))
-        line = (f"  {self.label} [{'#' * fill}{'.' * (w - fill)}] {self.n}/{self.total} "
-                f"{el:.0f}s<{eta:.0f}s {note}")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif self.n == self.total or self.n % max(1, self.total // 10) == 0:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+def train_report(model: Model, mode: Dense, where: ClusterConfig,
+                 ranges: list[tuple[int, int]], out_dir: Path, *, steps: int, batch: int,
+                 micro_batches: int, seq: int, lr: float, eval_examples: int, seed: int,
+                 label: str = "train") -> tuple[TrainReport, dict[str, np.ndarray]]:
+    """Compile, train and evaluate `model` in `mode` (`edgert train`, plain or PEFT): the report
+    and the final weights."""
+    t0 = time.perf_counter()
+    split = ",".join(f"{a}:{b}" for a, b in ranges)
+    mode.compile(split, out_dir / "bundles")
+    rep = TrainReport(steps, len(ranges), ranges, batch, micro_batches, seq,
+                      compile_seconds=time.perf_counter() - t0)
+    job = make_job(model, steps=steps, batch=batch, micro_batches=micro_batches, seq=seq, lr=lr,
+                   eval_examples=eval_examples, seed=seed)
+    out = train(job, mode, where, ranges, out_dir / "bundles", steps=steps, seed=seed,
+                label=label)
+    rep.losses, rep.step_seconds, rep.boards = out.losses, out.step_seconds, out.boards
+    rep.before, rep.after = out.metrics(0), out.metrics(-1)
+    return rep, out.params

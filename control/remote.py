@@ -1,10 +1,11 @@
 """Train on boards that are already running: attach to the daemons of a board registry.
 
 `boards/provision.sh --start` starts `edgert serve` on a real board and records its endpoint in
-the cluster's registry (`KEYS/boards.json`: {name: {"endpoint": "tcp://HOST:PORT", "profile", ...}}).
-`AttachedCluster` is a `control.cluster.LocalCluster` whose boards come from that registry instead
-of being spawned here; deploy, train_step, train_async, params, load_state ... are the same code,
-so every job that takes a cluster can run on provisioned boards:
+the cluster's registry (`KEYS/boards.json`:
+{name: {"endpoint": "tcp://HOST:PORT", "profile", ...}}).
+`AttachedCluster` is a `control.controller.BoardCluster` whose boards come from that registry
+instead of being spawned here (control/cluster.py); deploy, train_step, train_async, params,
+load_state ... are the same code, so every job that takes a cluster can run on provisioned boards:
 
     edgert train --registry keys/boards.json [--boards-named rk0,pi0]
 
@@ -20,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from control.cluster import BoardProc, LocalCluster
+from control.controller import BoardCluster, BoardHandle
 from edgert.errors import BoardError, ConfigError
 from edgert.transport import CONTROLLER, KeyRing
 
@@ -76,7 +77,7 @@ def read_registry(path: str | Path, names: list[str] | None = None) -> dict[str,
     return out
 
 
-class AttachedCluster(LocalCluster):
+class AttachedCluster(BoardCluster):
     """A cluster of running board daemons listed in a registry (see the module docstring).
 
     Parameters
@@ -113,7 +114,7 @@ class AttachedCluster(LocalCluster):
             raise ConfigError(f"key files missing: {missing}; pass the cluster's key directory "
                               f"(edgert keys --out DIR --boards {','.join(endpoints)}) as keys=")
         self.keys = KeyRing(root)
-        self.boards = [BoardProc(n, _Remote(), ep, self.root / f"{n}.log")   # type: ignore[arg-type]
+        self.boards = [BoardHandle(n, _Remote(), ep, self.root / f"{n}.log")
                        for n, ep in endpoints.items()]
         try:
             self._connect(start_timeout)
@@ -128,9 +129,6 @@ class AttachedCluster(LocalCluster):
             self.close()
             raise
 
-    def _check_alive(self) -> None:
-        """Nothing to poll: a remote board's death shows as a request timeout."""
-
     def pin(self, name: str, cores: set[int]) -> None:
         raise ConfigError(f"{name} is a remote board: pinning needs a local process")
 
@@ -140,9 +138,3 @@ class AttachedCluster(LocalCluster):
     def describe(self) -> list[dict[str, Any]]:
         """[{name, endpoint}] of the attached boards."""
         return [{"name": b.name, "endpoint": b.endpoint} for b in self.boards]
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Drop the links; the daemons keep running (they are not this controller's)."""
-        if not self._closed:
-            self._closed = True
-            self._release()

@@ -163,3 +163,54 @@ def decide(costs: ModelCosts, boards: Sequence[Board], speeds: dict[str, float],
            f"{cur.bottleneck_ms:.1f} ms, re-planned {prop.to_split()} {prop.bottleneck_ms:.1f} ms "
            f"({gain:+.0%}; margin {margin:.0%})")
     return Decision(new, cur, prop, move, why)
+
+
+class Planner:
+    """A run's planner: the memory-aware split over named boards at their measured speeds
+    (control.partition.plan), and the drift watch that says when to re-plan a running pipeline.
+
+    Examples
+    --------
+    >>> from compiler.model_spec import ModelDims
+    >>> from control.partition import bert_costs
+    >>> dims = ModelDims(vocab=30522, hidden=384, layers=6, heads=12, ffn=1536, max_pos=512,
+    ...                  type_vocab=2, eps=1e-12, hidden_dropout=0.1, attn_dropout=0.1,
+    ...                  num_labels=2)
+    >>> p = Planner(bert_costs(dims, 8, 64), None, 2, Drift(0))
+    >>> p.plan_over(["board0", "board1"]).ranges
+    [(0, 3), (3, 6)]
+    """
+
+    def __init__(self, costs: ModelCosts, budget_bytes: int | None, micro_batches: int,
+                 drift: Drift) -> None:
+        self.costs, self.budget_bytes, self.micro_batches = costs, budget_bytes, micro_batches
+        self.watch = Watch(drift)
+        self.speeds: dict[str, float] = {}      # measured speed per board (1.0 = as modelled)
+
+    def boards(self, names: Sequence[str]) -> list[Board]:
+        """Planner boards for `names` with the budget and the measured speed estimates."""
+        return [with_speed(Board(n, self.budget_bytes), self.speeds.get(n, 1.0)) for n in names]
+
+    def plan_over(self, names: Sequence[str]) -> PartitionPlan:
+        """The split over these boards (one stage each)."""
+        return make_plan(self.costs, self.boards(names), self.micro_batches)
+
+    def watching(self, n_stages: int) -> bool:
+        """Whether `observe` needs this step's measured stage times."""
+        return self.watch.cfg.on and n_stages >= 2
+
+    def observe(self, names: Sequence[str], ranges: Sequence[tuple[int, int]],
+                measured_s: Sequence[float]) -> Decision | None:
+        """Fold in one step's measured compute seconds per stage board; a Decision once drift
+        persisted (its `move` says whether a better split exists), else None."""
+        boards = self.boards(names)
+        current = evaluate_plan(self.costs, boards, list(ranges), self.micro_batches)
+        r = self.watch.observe(measured_s, predicted_step_s(current))
+        if r is None:
+            return None
+        d = decide(self.costs, boards, self.speeds, ranges, r, self.micro_batches,
+                   self.watch.cfg.margin)
+        self.speeds.update(d.speeds)
+        if not d.move:
+            self.watch.reset(deployed=False, decided=True)
+        return d

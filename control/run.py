@@ -21,13 +21,16 @@ over the survivors with control.partition.plan (their memory budgets; fewer stag
 new split (libraries come from the compile cache), LOADs it on the surviving processes in place,
 loads the last checkpoint and redoes the steps since. Data order and dropout seeds are pure
 functions of (seed, step, micro-batch), so the redone steps compute the same thing.
+
+The training itself is the one loop (control/loop.py) with checkpoints, recovery and live
+re-planning switched on; this module owns the run directory around it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,9 @@ from typing import Any
 import numpy as np
 
 from control import checkpoint as ckpt
+from control.connect import ClusterConfig, open_cluster
 from control.events import EventLog
+from control.loop import Loop, LoopConfig, Mode
 from control.run_config import RunConfig
 from edgert.errors import ConfigError
 
@@ -101,33 +106,53 @@ class Run:
         else:
             saved.write_text(json.dumps(self.config.to_dict(), indent=1))
         self.events = EventLog(self.dir / "events.jsonl")
-        self.step = 0
         self.state = "created"
         self.error: BaseException | None = None
-        self.recoveries: list[dict[str, Any]] = []
-        self._attempts = 0                 # recovery attempts, successful or not
-        self.cluster: Any = None           # control.cluster.LocalCluster while running
-        self.ranges: list[tuple[int, int]] = []
+        self.loop: Loop | None = None      # the training loop, from `start` on
+        self.mode: Mode | None = None      # dense, or control.far.FarMode
         self._stop = threading.Event()
         self._unpaused = threading.Event()
         self._unpaused.set()
         self._thread: threading.Thread | None = None
-        self._pipe: Any = None             # in-process LocalPipeline for held-out evaluation
-        self._bundles: list[Path] = []
-        self._job: Any = None              # control.run_loop.Job while running
 
     def __repr__(self) -> str:
         return (f"Run({str(self.dir)!r}, state={self.state!r}, step={self.step}/"
                 f"{self.config.steps}, recoveries={len(self.recoveries)})")
 
+    # ---- what the loop knows ---------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.loop.step if self.loop is not None else 0
+
+    @property
+    def cluster(self) -> Any:
+        """The boards (control.connect.open_cluster) while the run trains, else None."""
+        return self.loop.cluster if self.loop is not None else None
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return self.loop.ranges if self.loop is not None else []
+
+    @property
+    def bundles(self) -> list[Path]:
+        """The deployed stage bundles."""
+        return self.loop.bundles if self.loop is not None else []
+
+    @property
+    def recoveries(self) -> list[dict[str, Any]]:
+        return self.loop.recoveries if self.loop is not None else []
+
+    @property
+    def replans(self) -> list[dict[str, Any]]:
+        return self.loop.replans if self.loop is not None else []
+
     # ---- control (thread-safe) ------------------------------------------------------------------
     def start(self) -> Run:
         """Train in the calling thread until finished or stopped; returns self."""
-        from control.run_loop import train
-
         self.error = None
         try:
-            train(self)
+            self._train()
         except BaseException as e:
             self.error = e
             raise
@@ -190,7 +215,62 @@ class Run:
 
     resume = _Hybrid(_resume_dir, _unpause)
 
-    # ---- helpers used by control.run_loop -------------------------------------------------------
+    # ---- training -----------------------------------------------------------------------------
+    def _train(self) -> None:
+        """Run to `config.steps` (or until stopped), recovering from lost boards by itself."""
+        from control.run_report import write_report
+
+        cfg, opened = self.config, False
+        self._set_state("starting")
+        try:
+            from control.job import load_model, make_job
+
+            model = load_model(cfg.model or None, num_labels=2, head_seed=cfg.seed)
+            job = make_job(model, steps=cfg.steps, batch=cfg.batch,
+                           micro_batches=cfg.micro_batches, seq=cfg.seq, lr=cfg.lr,
+                           eval_examples=cfg.eval_examples, seed=cfg.seed,
+                           warmup_steps=cfg.warmup_steps)
+            c = self.latest_checkpoint()
+            if c is not None:
+                self.alert("info", f"continuing from checkpoint step {c.step} ({c.path})")
+            self.mode = _mode(cfg, model, self.dir)
+            with open_cluster(_where(cfg, self.dir / "boards"), run_seed=cfg.seed) as cluster:
+                opened = True
+                self.loop = Loop(job, self.mode, cluster, _loop_config(cfg, self),
+                                 bundle_dir=lambda split: self.dir / "bundles" / _dir_name(split),
+                                 events=self.events, meta={"config": cfg.to_dict()},
+                                 planner=_planner(cfg, model), on_state=self._set_state,
+                                 stop=self._stop, unpaused=self._unpaused)
+                self.loop.run(self._initial_ranges(model.dims.layers), c)
+        except BaseException as e:
+            self._set_state("failed", note=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            if self.loop is not None:
+                self.loop.cluster = None
+            if opened:
+                for d in (self.dir / "boards").glob("board*"):   # uploaded copies; keep the logs
+                    if d.is_dir():
+                        shutil.rmtree(d, ignore_errors=True)
+            try:
+                write_report(self)
+            except Exception as e:  # noqa: BLE001 - a report must not hide the run's own error
+                log.warning("could not write the report of %s: %s", self.dir, e)
+
+    def _initial_ranges(self, layers: int) -> list[tuple[int, int]]:
+        """The config's split or stages, else the memory-aware planner over every board."""
+        from compiler.model_spec import parse_split
+
+        cfg = self.config
+        if cfg.split or cfg.stages:
+            return parse_split(cfg.split or None, cfg.stages or None, layers)
+        assert self.loop is not None and self.loop.planner is not None
+        names = [b.name for b in self.loop.cluster.boards]
+        p = self.loop.planner.plan_over(names)
+        log.info("plan over %s:\n%s", names, p.explain())
+        return p.ranges
+
+    # ---- helpers used by the loop -----------------------------------------------------------
     def _set_state(self, state: str, **kw: Any) -> None:
         self.state = state
         self.events.emit("state", state=state, step=self.step, **kw)
@@ -224,5 +304,53 @@ class Run:
                          id2label=["negative", "positive"])
 
 
-def threads_per_board(cfg: RunConfig) -> int:
-    return cfg.threads or max(1, len(os.sched_getaffinity(0)) // cfg.boards)
+# ---- a run config, as the loop's parts -----------------------------------------------------------
+
+def _where(cfg: RunConfig, workdir: Path) -> ClusterConfig:
+    """The run's boards: local processes, or the first `boards` of a registry."""
+    return ClusterConfig(boards=cfg.boards, registry=cfg.registry,
+                         board_names=tuple(n for n in cfg.board_names.split(",") if n),
+                         threads=cfg.threads, budget_mib=cfg.budget_mib,
+                         timeout_s=cfg.timeout_s, workdir=workdir)
+
+
+def _loop_config(cfg: RunConfig, run: Run) -> LoopConfig:
+    return LoopConfig(steps=cfg.steps, checkpoint_dir=run.checkpoint_dir,
+                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                      eval_every=cfg.eval_every, board_every=cfg.board_every,
+                      max_recoveries=cfg.max_recoveries, budget_mib=cfg.budget_mib,
+                      run_seed=cfg.seed, where=str(run.dir))
+
+
+def _mode(cfg: RunConfig, model: Any, run_dir: Path) -> Mode:
+    """Dense stages, or FAR ([Note: FAR in runs] in control/far.py; imported only then)."""
+    from control.job import compile_bundles
+    from control.modes import Dense
+
+    kw = {"batch": cfg.batch, "seq": cfg.seq, "target": cfg.target}
+
+    def compile_dense(split: str, out: Path) -> list[Path]:
+        return compile_bundles(model, out, progress=False, split=split, **kw)
+
+    if not cfg.far_retention:
+        return Dense(compile_dense)
+    from control.far import FarConfig, FarMode
+
+    far = FarConfig(retention=cfg.far_retention, priming_fraction=cfg.far_priming,
+                    selection=cfg.far_selection, seed=cfg.seed,
+                    freeze_embeddings=cfg.far_freeze_embeddings)
+    return FarMode(far, model, cfg.steps, compile_dense, plan_file=run_dir / "far_plan.json",
+                   **kw)
+
+
+def _planner(cfg: RunConfig, model: Any) -> Any:
+    """The memory-aware planner with the run's budget and drift watch (control/replan.py)."""
+    from control.partition import bert_costs
+    from control.replan import Drift, Planner
+
+    return Planner(bert_costs(model.dims, cfg.batch, cfg.seq), cfg.budget_bytes,
+                   cfg.micro_batches, Drift(cfg.replan_drift, cfg.replan_patience))
+
+
+def _dir_name(split: str) -> str:
+    return split.replace(":", "-").replace(",", "_")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from control.events import Event
+from control.progress import Progress
 from control.run import Run
 from control.run_config import RunConfig
 from edgert.errors import ConfigError
@@ -25,9 +26,7 @@ class _Console:
     """Progress bar and alerts on stderr, fed by the run's events."""
 
     def __init__(self, run: Run) -> None:
-        from control.job import _Progress
-
-        self.bar = _Progress(run.config.steps, "train")
+        self.bar = Progress(run.config.steps, "train")
         self.run = run
 
     def __call__(self, ev: Event) -> None:

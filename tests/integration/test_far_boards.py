@@ -4,7 +4,7 @@ Real all-MiniLM-L6-v2 on real Rotten Tomatoes batches of 2 x 16 tokens, 2 micro-
 split 0:3,3:6 over 2 boards (the dense stages are the ones test_faults.py and test_replan_live.py
 compile: one compile per CI session), 6 steps, FAR at retention 0.4 after 2 priming steps.
 
-The reference is the uninterrupted in-process FAR run (`control.far.train_far`, LocalPipeline).
+The reference is the uninterrupted in-process FAR run (`control.far.train_far` in this process).
 1. `train_far` on 2 boards: same plan, same losses, same final weights and AdamW moments (FAR
    layout, no moments for frozen parts); the export is the original dense layout (every tensor
    name and shape of the source checkpoint) and computes the compiled model's logits in
@@ -27,7 +27,7 @@ import pytest
 
 from compiler.far import restore
 from control.far import FarConfig, export_far, train_far
-from control.job import load_model, rotten_tomatoes_batches
+from control.job import load_model, make_job, rotten_tomatoes_batches
 from control.local import OptimConfig
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ B, T, M, STEPS, SPLIT = 2, 16, 2, 6, "0:3,3:6"
 FAR = FarConfig(retention=0.4, priming_fraction=0.34)       # round(0.34 * 6) = 2 priming steps
 OPT = OptimConfig(lr=2e-4, warmup_steps=1, total_steps=STEPS)    # RunConfig's for 6 steps
 RTOL, ATOL = 1e-5, 1e-7
-KW = {"split": SPLIT, "batch": B, "seq": T, "micro_batches": M, "seed": 0}
+KW = {"split": SPLIT, "seq": T, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def data(minilm_dir):
     from control.data import iterate_batches
 
     enc, y, test = rotten_tomatoes_batches(minilm_dir / "tokenizer.json", T, B, 8, 0)
-    it = iterate_batches(enc, y, B, 0, 0)             # a run's data order (control.run_loop.Job)
+    it = iterate_batches(enc, y, B, 0, 0)             # a run's data order (control.job.Job)
     batches = [next(it)[1].as_dict() for _ in range(STEPS * M)]
     return (lambda s: batches[(s - 1) * M:s * M]), test
 
@@ -54,9 +54,21 @@ def model(minilm_dir):
 
 
 @pytest.fixture(scope="module")
-def ref(model, data, tmp_path_factory):
-    return train_far(model, FAR, data[0], STEPS, OPT, tmp_path_factory.mktemp("far_ref"),
-                     boards=False, **KW)
+def job(model, data):
+    """The job train_far steps: the data order and optimizer written out above."""
+    j = make_job(model, steps=STEPS, batch=B, micro_batches=M, seq=T, lr=OPT.lr, eval_examples=8,
+                 seed=0)
+    assert j.opt == OPT
+    for s in range(1, STEPS + 1):
+        for got, want in zip(j.micro(s), data[0](s), strict=True):
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+    return j
+
+
+@pytest.fixture(scope="module")
+def ref(model, job, tmp_path_factory):
+    return train_far(model, FAR, job, STEPS, tmp_path_factory.mktemp("far_ref"), boards=False,
+                     **KW)
 
 
 def _close(got: dict, want: dict, what: str) -> float:
@@ -68,9 +80,9 @@ def _close(got: dict, want: dict, what: str) -> float:
     return worst
 
 
-def test_far_on_boards_matches_in_process_and_exports_dense(tmp_path, model, data, ref,
+def test_far_on_boards_matches_in_process_and_exports_dense(tmp_path, model, data, job, ref,
                                                             minilm_dir):
-    got = train_far(model, FAR, data[0], STEPS, OPT, tmp_path / "boards", boards=True, **KW)
+    got = train_far(model, FAR, job, STEPS, tmp_path / "boards", boards=True, **KW)
 
     assert got["plan"] == ref["plan"] and got["plan"].learners == 624
     assert len(got["step_seconds"]["priming"]) == 2 and len(got["step_seconds"]["far"]) == 4

@@ -1,16 +1,14 @@
 """FAR in runs, the pure parts: the run.toml `[far]` table and FAR checkpoints (plan in meta.json,
-dense weights on load, the stored FAR layout on request)."""
+dense weights on load, the stored FAR layout on request), through control.far.FarMode."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from compiler.far import reconfigure, select
 from control import checkpoint as ckpt
-from control.far_run import checkpoint_meta, far_moments, plan_of, to_far_layout
+from control.far import FarConfig, FarMode, far_moments, plan_of
 from control.run_config import RunConfig
 from edgert.errors import ConfigError
 
@@ -48,15 +46,17 @@ def test_far_checkpoint_records_plan_and_loads_dense(tmp_path):
     rng = np.random.default_rng(0)
     dense = _dense(rng)
     plan = select({0: rng.random(F)}, 48)
-    run = SimpleNamespace(far_plan=plan)
-    far_w = to_far_layout(run, dense)
-    assert to_far_layout(run, far_w).keys() == far_w.keys()        # idempotent
+    run = FarMode(FarConfig(), None, 10, lambda split, out: [])
+    assert run.checkpoint_meta() == {} and run.to_deployed(dense) is dense     # before the switch
+    run.plan = plan
+    far_w = run.to_deployed(dense)
+    assert run.to_deployed(far_w).keys() == far_w.keys()        # idempotent
     trained = [k for k in far_w if ".frozen." not in k]
     opt = {k: v for k, v in far_moments({f"{m}/{n}": rng.random(t.shape).astype(np.float32)
                                          for m in "mv" for n, t in dense.items()}, plan).items()
            if k.split("/", 1)[1] in trained}
-    meta = checkpoint_meta(run)
-    assert plan_of(meta) == plan and checkpoint_meta(SimpleNamespace()) == {}
+    meta = run.checkpoint_meta()
+    assert plan_of(meta) == plan and plan_of({}) is None
     ckpt.write(tmp_path, 3, [sorted(far_w)], far_w, opt, meta)
     c = ckpt.latest(tmp_path)
     params, moments = c.load()

@@ -55,20 +55,18 @@ def test_fold_seed_is_identity_for_the_library_salt_and_32_bit():
 
 
 def test_board_events_carry_the_split_to_the_dashboard():
-    """run_loop.board_events -> `board` event -> DashState -> the dashboard's head-split panel."""
+    """Loop.board_events -> `board` event -> DashState -> the dashboard's head-split panel."""
     from control.dashboard import heads_html
     from control.dashboard_state import DashState, reduce
-    from control.events import EventLog
-    from control.run_loop import board_events
+    from control.loop import Loop, LoopConfig
 
     rep = {"k": 5, "H": 12, "layers": {"0": 5, "1": 5}, "source": "tuned"}
     stats = [{"rss": 2**20, "peak_rss": 2**21, "head_split": rep},
              {"rss": 2**20, "peak_rss": 2**21, "head_split": None}]
     boards = [SimpleNamespace(name=f"board{i}", proc=SimpleNamespace(pid=100 + i)) for i in (0, 1)]
     cluster = SimpleNamespace(boards=boards, stages=boards, stats=lambda i: stats[i])
-    run = SimpleNamespace(cluster=cluster, config=SimpleNamespace(budget_mib=None),
-                          events=EventLog())
-    board_events(run)
+    run = Loop(None, None, cluster, LoopConfig(steps=1), bundle_dir=lambda split: None)
+    run.board_events()
     assert [e.data["head_split"] for e in run.events.of("board")] == [{"0": 7, "1": 7}, None]
     s = DashState()
     for e in run.events.events():
