@@ -50,7 +50,8 @@ def own_memory_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup"),
         raise ConfigError(
             "memory caps need the cgroup v1 memory controller, but this process is in no v1 "
             f"memory cgroup ({proc_cgroup} has no ':memory:' line: cgroup v2 only?). Run without "
-            "mem_cap_mib, or on a host that mounts the v1 memory controller at /sys/fs/cgroup/memory")
+            "mem_cap_mib, or on a host that mounts the v1 memory controller at "
+            "/sys/fs/cgroup/memory")
     d = root / rel.lstrip("/")
     if not (d / "memory.limit_in_bytes").is_file():
         raise ConfigError(f"the cgroup v1 memory controller is not mounted at {d}; mount it "

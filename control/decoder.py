@@ -3,8 +3,10 @@
 Bundles come from `compiler.build.build_bundle` (the decoder graph of compiler/decoder_stage.py);
 they run in `control.local.LocalPipeline` unchanged (its data inputs are read by name from the
 manifest: ``input_ids``, ``attention_mask``, ``labels`` [B, T]), so the same bundles also run on
-board processes. This module adds what is specific to language modelling: a real plain-text corpus
-tokenised into fixed-length blocks, held-out perplexity, and greedy / sampled generation.
+board processes, and `finetune_lm` trains them through the one loop (control/loop.py) as a
+`Dense` mode with an `LmJob`. This module adds what is specific to language modelling: a real
+plain-text corpus tokenised into fixed-length blocks, held-out perplexity, and greedy / sampled
+generation.
 
     edgert lm --steps 20 --layers 4 --prompt "I don't know what"
 """
@@ -13,10 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -232,32 +234,30 @@ def held_out_batches(tokenizer_file: str | Path, seq: int, batch: int,
                       batch)
 
 
-def _train(trainer, train: list[dict[str, np.ndarray]], micro_batches: int, opt,
-           rep: LmReport) -> None:
-    """Optimizer steps of `micro_batches` batches each on a LocalPipeline or a LocalCluster (the
-    same `train_step` interface: the boards reproduce the in-process numerics)."""
-    for i in range(0, len(train) - micro_batches + 1, micro_batches):
-        t = time.perf_counter()
-        rep.losses.append(trainer.train_step(train[i:i + micro_batches], opt))
-        rep.step_ms.append(1e3 * (time.perf_counter() - t))
+@dataclass
+class LmJob:
+    """A causal-LM job for the one loop (control/loop.py `Job`): step s trains on the next
+    `micro_batches` batches of consecutive corpus blocks; evaluation is held-out perplexity."""
 
+    train_batches: list[dict[str, np.ndarray]]
+    held: list[dict[str, np.ndarray]]
+    opt: Any                       # control.local.OptimConfig
+    batch: int
+    micro_batches: int
 
-def _train_on_boards(dirs: list[Path], train, micro_batches: int, opt, rep: LmReport,
-                     threads: int | None, seed: int) -> dict[str, np.ndarray]:
-    """Stage i on local board process i (edgert serve, CURVE ZeroMQ, 1F1B); returns the weights
-    gathered from the boards after training and records each board's peak RSS."""
-    from control.cluster import LocalCluster
+    def micro(self, step: int) -> list[dict[str, np.ndarray]]:
+        m = self.micro_batches
+        return self.train_batches[(step - 1) * m:step * m]
 
-    k = len(dirs)
-    per_board = threads or max(1, len(os.sched_getaffinity(0)) // k)
-    with LocalCluster(k, threads=per_board, run_seed=seed) as cluster:
-        cluster.deploy(dirs, micro_batches=micro_batches)
-        _train(cluster, train, micro_batches, opt, rep)
-        for i, b in enumerate(cluster.stages):
-            st = cluster.stats(i)
-            rep.boards.append({"name": b.name, "stage": i, "pid": b.proc.pid,
-                               "threads": per_board, "peak_rss_mib": st["peak_rss"] / 2 ** 20})
-        return cluster.params()
+    def evaluate(self, pipe: Any) -> dict[str, float]:
+        """Mean held-out next-token loss and its exp, the perplexity (see `perplexity`)."""
+        if not self.held:
+            raise ConfigError("perplexity needs at least one full batch of held-out blocks")
+        loss = float(np.mean([pipe.predict(b)[0] for b in self.held]))
+        return {"loss": loss, "perplexity": float(np.exp(loss))}
+
+    def position(self, step: int) -> dict[str, int]:
+        return {"batches_done": step * self.micro_batches}
 
 
 def finetune_lm(*, steps: int = 20, stages: int = 1, split: str | None = None, lora: int = 0,
@@ -289,9 +289,13 @@ def finetune_lm(*, steps: int = 20, stages: int = 1, split: str | None = None, l
     >>> r = finetune_lm(steps=10, boards=3, lora=8, micro_batches=3)        # doctest: +SKIP
     >>> r.ppl_after < r.ppl_before, [b["peak_rss_mib"] for b in r.boards]   # doctest: +SKIP
     """
-    from compiler.model_spec import parse_split
-    from control.local import LocalPipeline, OptimConfig
     from tokenizers import Tokenizer
+
+    from compiler.model_spec import parse_split
+    from control.connect import ClusterConfig, threads_per_board
+    from control.local import LocalPipeline, OptimConfig
+    from control.modes import Dense
+    from control.train import train
 
     if boards < 0 or micro_batches < 1:
         raise ConfigError(f"--boards {boards} / --micro-batches {micro_batches}: use boards >= 0 "
@@ -304,24 +308,29 @@ def finetune_lm(*, steps: int = 20, stages: int = 1, split: str | None = None, l
         raise ConfigError(f"--boards {boards} needs {boards} stages, got {len(ranges)} "
                           f"({ranges}); pass --stages {boards} or a split with {boards} ranges")
     t0 = time.perf_counter()
-    dirs = compile_decoder_bundles(dec, out, split=",".join(f"{a}:{b}" for a, b in ranges),
-                                   batch=batch, seq=seq, lora=lora, seed=seed)
+    split_text = ",".join(f"{a}:{b}" for a, b in ranges)
+
+    def compile_fn(sp: str, where: Path) -> list[Path]:
+        return compile_decoder_bundles(dec, where, split=sp, batch=batch, seq=seq, lora=lora,
+                                       seed=seed)
+
+    mode = Dense(compile_fn)
+    dirs = mode.compile(split_text, Path(out))
     rep = LmReport(steps, float("nan"), float("nan"), compile_s=time.perf_counter() - t0,
                    split=ranges)
-    train = lm_batches(corpus_blocks(dec.tokenizer_file, seq, steps * micro_batches * batch),
-                       batch)
+    train_batches = lm_batches(corpus_blocks(dec.tokenizer_file, seq,
+                                             steps * micro_batches * batch), batch)
     held = held_out_batches(dec.tokenizer_file, seq, batch, eval_blocks)
-    opt = OptimConfig(lr=lr, weight_decay=0.0)
-    pipe = LocalPipeline(dirs, run_seed=seed)
-    rep.ppl_before = perplexity(pipe, held)
-    if boards:
-        del pipe          # the boards hold the model while they train, not this process too
-        params = _train_on_boards(dirs, train, micro_batches, opt, rep, threads, seed)
-        pipe = LocalPipeline(dirs, run_seed=seed)
-        pipe.load_state(params, None, steps)
-    else:
-        _train(pipe, train, micro_batches, opt, rep)
-    rep.ppl_after = perplexity(pipe, held)
+    job = LmJob(train_batches, held, OptimConfig(lr=lr, weight_decay=0.0), batch, micro_batches)
+    where = ClusterConfig(boards=len(ranges), in_process=not boards, threads=threads or 0)
+    res = train(job, mode, where, ranges, Path(out), steps=steps, seed=seed, progress=False)
+    rep.losses, rep.step_ms = res.losses, [1e3 * t for t in res.step_seconds]
+    rep.ppl_before, rep.ppl_after = res.evals[0]["perplexity"], res.evals[-1]["perplexity"]
+    per_board = threads_per_board(threads, len(ranges))
+    rep.boards = [{"name": b["name"], "stage": b["stage"], "pid": b["pid"], "threads": per_board,
+                   "peak_rss_mib": b["peak_rss_mib"]} for b in res.boards]
+    pipe = LocalPipeline(dirs, run_seed=seed)          # the fine-tuned model, here: generation
+    pipe.load_state(res.params, None, steps)
     tok = Tokenizer.from_file(str(dec.tokenizer_file))
     p_ids = tok.encode(prompt or "I don't know what you").ids
     n_new = max(0, min(max_new_tokens, seq - len(p_ids)))

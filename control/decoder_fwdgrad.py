@@ -6,8 +6,9 @@ along seeded perturbations of the LoRA B factors (A stays at its random start: w
 does not depend on A to first order; see control/fwdgrad.trainable_names) and returns scalars;
 the controller aggregates (variance control and the cosine sampler of control/fwdgrad.py) and
 steps SGD. Held-out perplexity is measured before and after in this process. The machinery is the
-BERT one (control/federated.py, edgert/fwdgrad.py): the board reads the decoder's data inputs from
-its manifest and runs the forward-only `stage_loss` entry.
+BERT one (control/federated.py, edgert/fwdgrad.py; rounds in control/fwdgrad_run.py `drive`): the
+board reads the decoder's data inputs from its manifest and runs the forward-only `stage_loss`
+entry.
 
     edgert lm --fwdgrad --clients 2 --rounds 20 --layers 4
 """
@@ -23,7 +24,12 @@ from typing import Any
 import numpy as np
 
 from control.decoder import (
-    compile_decoder_bundles, corpus_blocks, held_out_batches, lm_batches, load_decoder, perplexity,
+    compile_decoder_bundles,
+    corpus_blocks,
+    held_out_batches,
+    lm_batches,
+    load_decoder,
+    perplexity,
 )
 from control.fwdgrad import FwdGradConfig, trainable_names
 from edgert.errors import ConfigError
@@ -45,7 +51,9 @@ def fwdgrad_lm(*, clients: int = 2, rounds: int = 20, layers: int | None = None,
     >>> rep["ppl_before"] > 0                                      # doctest: +SKIP
     True
     """
-    from control.federated import FwdGradRun, run_clients
+    from control.events import EventLog
+    from control.federated import run_clients
+    from control.fwdgrad_run import FwdGradRun, RoundLog, drive
     from control.local import LocalPipeline
     from edgert.fwdgrad import ForwardClient
 
@@ -72,24 +80,28 @@ def fwdgrad_lm(*, clients: int = 2, rounds: int = 20, layers: int | None = None,
                            "batch": batch, "seq": seq, "trainable": int(sum(base[n].size
                                                                             for n in names)),
                            "cfg": asdict(cfg),
-                           "compile_s": round(compile_s, 1),
-                           "ppl_before": perplexity(pipe, held)}
+                           "compile_s": round(compile_s, 1), "ppl_before": None}
+
+    def held_out(values: dict[str, np.ndarray]) -> dict[str, float]:
+        ForwardClient(stage).set_values(values)
+        return {"perplexity": perplexity(pipe, held)}
+
+    def show(r: int, rec: RoundLog) -> None:
+        print(f"  round {r + 1}/{rounds}: clients' loss {rec.loss:.4f}, k {rec.k}, "
+              f"{rec.seconds:.1f}s", flush=True)
 
     def train(cl: Any) -> FwdGradRun:
         srv = FwdGradRun(cl, names, {n: base[n] for n in names}, cfg, rows_per_round=batch)
-        for r in range(rounds):
-            rec = srv.round(r)
-            if progress:
-                print(f"  round {r + 1}/{rounds}: clients' loss {rec.loss:.4f}, k {rec.k}, "
-                      f"{rec.seconds:.1f}s", flush=True)
+        curve.extend(drive(srv, rounds=rounds, events=EventLog(), evaluate=held_out,
+                           ckpt_root=None, progress=show if progress else False))
         return srv
 
     t0 = time.perf_counter()
+    curve: list[dict[str, Any]] = []
     srv, mem = run_clients(train, bundle, stage, shards, boards=boards, threads=1, seed=seed)
     rep.update(mem)
-    rep["train_s"] = round(time.perf_counter() - t0, 1)
-    ForwardClient(stage).set_values(srv.values)
-    rep["ppl_after"] = perplexity(pipe, held)
+    rep["train_s"] = round(time.perf_counter() - t0, 1)   # boards, rounds, held-out evaluation
+    rep["ppl_before"], rep["ppl_after"] = curve[0]["perplexity"], curve[-1]["perplexity"]
     rep["log"] = [asdict(r) for r in srv.log]
     log.info("fwdgrad lm: ppl %.2f -> %.2f", rep["ppl_before"], rep["ppl_after"])
     return rep

@@ -1,10 +1,12 @@
-"""Federated forward-gradient fine-tuning: client shards, clients (in-process or boards), rounds.
+"""Federated forward-gradient fine-tuning: client shards, clients (in-process or boards), the job.
 
 Each client holds its own shard of the training data (IID or non-IID by label, seeded) and one
-whole-model bundle; per round the server (this module, on the controller) sends it the trainable
-values and perturbation seeds, gets back one directional derivative per seed, aggregates the
-clients' estimates weighted by their shard sizes (control/fwdgrad.gather) and takes an SGD step.
-Only the trainable (PEFT) tensors change; everything else stays as deployed.
+whole-model bundle; per round the server (control/fwdgrad_run.py `FwdGradRun`, on the controller)
+sends it the trainable values and perturbation seeds, gets back one directional derivative per
+seed, aggregates the clients' estimates weighted by their shard sizes (control/fwdgrad.gather)
+and takes an SGD step. Only the trainable (PEFT) tensors change; everything else stays as
+deployed. `fwdgrad_finetune` is the BERT job (`edgert fwdgrad`); its rounds run in
+control/fwdgrad_run.py's `drive`.
 
 Examples
 --------
@@ -16,13 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from control.fwdgrad import FwdGradConfig, ServerSGD, flatten, gather, unflatten
+from control.fwdgrad import FwdGradConfig
+from control.fwdgrad_run import FwdGradRun, drive
 from edgert.errors import ConfigError
 from edgert.fwdgrad import ForwardClient
 from edgert.protocol import Kind, Message, encode
@@ -52,19 +54,6 @@ def split_clients(labels: np.ndarray, n_clients: int, *, alpha: float | None = N
         for c, chunk in enumerate(np.split(rows, cuts)):
             parts[c].append(chunk)
     return [np.sort(np.concatenate(p)) for p in parts]
-
-
-def _rows(n: int, per_round: int, round_: int, seed: int, client: int) -> list[int]:
-    """The shard rows a client uses in a round: consecutive slices of seeded epoch orders."""
-    out: list[int] = []
-    pos = round_ * per_round
-    while len(out) < per_round:
-        epoch, off = divmod(pos, n)
-        order = np.random.default_rng([seed, client, epoch]).permutation(n)
-        take = min(per_round - len(out), n - off)
-        out += order[off:off + take].tolist()
-        pos += take
-    return out
 
 
 class InProcessClients:
@@ -115,8 +104,8 @@ class BoardClients:
     def _memory(self, phase: str) -> None:
         """Record each board's current and peak RSS (VmHWM: the peak since the board started)."""
         stats = [self.c.stats(i) for i in range(len(self.boards))]
-        self.memory[phase] = [{"rss_mib": s["rss"] / 2 ** 20, "peak_rss_mib": s["peak_rss"] / 2 ** 20}
-                              for s in stats]
+        self.memory[phase] = [{"rss_mib": s["rss"] / 2 ** 20,
+                               "peak_rss_mib": s["peak_rss"] / 2 ** 20} for s in stats]
 
     @property
     def sizes(self) -> list[int]:
@@ -147,64 +136,6 @@ def _wire_bytes(msg: Message) -> int:
     return sum(len(f) for f in encode(msg))   # bytes
 
 
-@dataclass
-class RoundLog:
-    round: int
-    k: int                        # perturbations per client
-    passes: int
-    rel_var: float
-    loss: float                   # mean perturbed training loss (weighted over clients)
-    seconds: float
-    bytes_down: int               # bytes, controller -> boards
-    bytes_up: int                 # bytes, boards -> controller
-
-
-@dataclass
-class FwdGradRun:
-    """The server: global trainable values, the previous gradient (for the sampler), SGD."""
-
-    clients: Any                  # InProcessClients | BoardClients
-    names: list[str]
-    values: dict[str, np.ndarray]         # trainable tensors, float32, by name
-    cfg: FwdGradConfig
-    rows_per_round: int = 8
-    log: list[RoundLog] = field(default_factory=list)
-    prev: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        self.values = {n: np.array(self.values[n], np.float32) for n in self.names}
-        self.opt = ServerSGD(flatten(self.values, self.names), self.cfg.lr, self.cfg.momentum)
-
-    @property
-    def n(self) -> int:
-        return self.opt.theta.size
-
-    def round(self, r: int) -> RoundLog:
-        t0 = time.perf_counter()
-        d0, u0 = self.clients.bytes_down, self.clients.bytes_up
-        sizes = self.clients.sizes
-        rows = [_rows(n, self.rows_per_round, r, self.cfg.seed, c) for c, n in enumerate(sizes)]
-        losses: list[tuple[float, float]] = []
-
-        def evaluate(seeds_per_client: list[list[int]]) -> list[list[float]]:
-            res = self.clients.evaluate(self.values, self.names, seeds_per_client, self.cfg.eps,
-                                        rows)
-            losses.extend((x["loss"], w) for x, w in zip(res, sizes, strict=True) if x["derivs"])
-            return [list(x["derivs"]) for x in res]
-
-        got = gather(evaluate, [float(s) for s in sizes], self.n, self.cfg, r, self.prev)
-        g = got.gradient
-        self.prev = g
-        theta = self.opt.step(g)
-        self.values = unflatten(theta, self.values, self.names)
-        loss = sum(lo * w for lo, w in losses) / sum(w for _, w in losses)
-        rec = RoundLog(r, got.k, got.passes, got.estimate.relative_variance(), loss,
-                       time.perf_counter() - t0, self.clients.bytes_down - d0,
-                       self.clients.bytes_up - u0)
-        self.log.append(rec)
-        return rec
-
-
 def run_clients(train: Any, bundle: Path | str, stage: Any, shards: Sequence[dict[str, np.ndarray]],
                 *, boards: bool, threads: int | None = 1, seed: int = 0
                 ) -> tuple[FwdGradRun, dict[str, Any]]:
@@ -213,9 +144,10 @@ def run_clients(train: Any, bundle: Path | str, stage: Any, shards: Sequence[dic
     ForwardClients on `stage` in this process."""
     if not boards:
         return train(InProcessClients(stage, shards)), {}
-    from control.cluster import LocalCluster
+    from control.connect import ClusterConfig, open_cluster
 
-    with LocalCluster(len(shards), threads=threads, run_seed=seed) as cluster:
+    where = ClusterConfig(boards=len(shards), threads=threads or 0)
+    with open_cluster(where, run_seed=seed) as cluster:
         cl = BoardClients(cluster, bundle, shards)
         srv = train(cl)
         return srv, {"peak_rss_mib": [v / 2 ** 20 for v in cl.peak_rss()],
@@ -301,7 +233,6 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
 
     from control.events import EventLog
     from control.fwdgrad import trainable_names
-    from control.fwdgrad_run import drive
     from control.job import compile_bundles, load_model, rotten_tomatoes_batches
     from control.run_report import metrics, render_html
     from edgert.runtime import TvmStage

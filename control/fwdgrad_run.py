@@ -1,4 +1,9 @@
-"""A forward-gradient run's rounds with events, checkpoints and resume (`edgert fwdgrad`).
+"""The forward-gradient server and its round loop (`edgert fwdgrad`, `edgert lm --fwdgrad`).
+
+`FwdGradRun` holds the server state and runs one round: it asks the clients
+(control/federated.py) for directional derivatives along seeded perturbations, aggregates them
+(control/fwdgrad.py) and steps SGD. `drive` is the one round loop every forward-gradient job uses,
+with events, checkpoints and resume. (Backprop jobs step through control/loop.py instead.)
 
 The server state of a forward-gradient run is small: the trainable values (ServerSGD's float64
 theta), the SGD momentum buffer, the previous round's global estimate (the cosine sampler's
@@ -33,7 +38,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +46,83 @@ import numpy as np
 
 from control import checkpoint
 from control.events import EventLog
-from control.federated import FwdGradRun, RoundLog
-from control.fwdgrad import unflatten
+from control.fwdgrad import FwdGradConfig, ServerSGD, flatten, gather, unflatten
 from edgert.errors import ConfigError
 
 KIND = "fwdgrad"
+
+
+def _rows(n: int, per_round: int, round_: int, seed: int, client: int) -> list[int]:
+    """The shard rows a client uses in a round: consecutive slices of seeded epoch orders."""
+    out: list[int] = []
+    pos = round_ * per_round
+    while len(out) < per_round:
+        epoch, off = divmod(pos, n)
+        order = np.random.default_rng([seed, client, epoch]).permutation(n)
+        take = min(per_round - len(out), n - off)
+        out += order[off:off + take].tolist()
+        pos += take
+    return out
+
+
+@dataclass
+class RoundLog:
+    """What one round did (one `step` event each)."""
+
+    round: int
+    k: int                        # perturbations per client
+    passes: int
+    rel_var: float
+    loss: float                   # mean perturbed training loss (weighted over clients)
+    seconds: float
+    bytes_down: int               # bytes, controller -> boards
+    bytes_up: int                 # bytes, boards -> controller
+
+
+@dataclass
+class FwdGradRun:
+    """The server: global trainable values, the previous gradient (for the sampler), SGD."""
+
+    clients: Any                  # control.federated: InProcessClients | BoardClients
+    names: list[str]
+    values: dict[str, np.ndarray]         # trainable tensors, float32, by name
+    cfg: FwdGradConfig
+    rows_per_round: int = 8
+    log: list[RoundLog] = field(default_factory=list)
+    prev: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.values = {n: np.array(self.values[n], np.float32) for n in self.names}
+        self.opt = ServerSGD(flatten(self.values, self.names), self.cfg.lr, self.cfg.momentum)
+
+    @property
+    def n(self) -> int:
+        return self.opt.theta.size
+
+    def round(self, r: int) -> RoundLog:
+        t0 = time.perf_counter()
+        d0, u0 = self.clients.bytes_down, self.clients.bytes_up
+        sizes = self.clients.sizes
+        rows = [_rows(n, self.rows_per_round, r, self.cfg.seed, c) for c, n in enumerate(sizes)]
+        losses: list[tuple[float, float]] = []
+
+        def evaluate(seeds_per_client: list[list[int]]) -> list[list[float]]:
+            res = self.clients.evaluate(self.values, self.names, seeds_per_client, self.cfg.eps,
+                                        rows)
+            losses.extend((x["loss"], w) for x, w in zip(res, sizes, strict=True) if x["derivs"])
+            return [list(x["derivs"]) for x in res]
+
+        got = gather(evaluate, [float(s) for s in sizes], self.n, self.cfg, r, self.prev)
+        g = got.gradient
+        self.prev = g
+        theta = self.opt.step(g)
+        self.values = unflatten(theta, self.values, self.names)
+        loss = sum(lo * w for lo, w in losses) / sum(w for _, w in losses)
+        rec = RoundLog(r, got.k, got.passes, got.estimate.relative_variance(), loss,
+                       time.perf_counter() - t0, self.clients.bytes_down - d0,
+                       self.clients.bytes_up - u0)
+        self.log.append(rec)
+        return rec
 
 
 def save(root: Path | str, srv: FwdGradRun, rounds_done: int, settings: dict[str, Any],
@@ -98,15 +175,16 @@ def drive(srv: FwdGradRun, *, rounds: int, events: EventLog,
           ckpt_root: Path | str | None, checkpoint_every: int = 5, resume: bool = True,
           eval_every: int = 0, settings: dict[str, Any] | None = None,
           board_stats: Callable[[], list[dict[str, Any]]] | None = None,
-          progress: bool = False, client_names: list[str] | None = None
-          ) -> list[dict[str, Any]]:
+          progress: bool | Callable[[int, RoundLog], None] = False,
+          client_names: list[str] | None = None) -> list[dict[str, Any]]:
     """Run rounds up to `rounds` (continuing from the newest good checkpoint under `ckpt_root`
     with `resume`), emitting events and checkpointing every `checkpoint_every` rounds and at the
-    end; return the held-out curve [{round, seconds, loss, accuracy, examples}, ...].
+    end; return the held-out curve [{round, seconds, **evaluate(values)}, ...].
 
-    `evaluate(values)` is the held-out evaluation; `board_stats()` returns one
+    `evaluate(values)` is the held-out evaluation (plain numbers); `board_stats()` returns one
     {name, rss_mib, peak_rss_mib} per board (None: in-process clients, no board events);
-    `settings` (plain JSON values) must equal the checkpoint's for a resume.
+    `settings` (plain JSON values) must equal the checkpoint's for a resume; `progress`: a line
+    per round on stderr, or `progress(round, log)` after each round.
     """
     if checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every must be >= 0 rounds (0 = never), got "
@@ -149,7 +227,9 @@ def drive(srv: FwdGradRun, *, rounds: int, events: EventLog,
             c = save(ckpt_root, srv, r + 1, settings, curve)
             events.emit("checkpoint", step=r + 1, path=str(c.path),
                         seconds=time.perf_counter() - t0)
-        if progress:
+        if callable(progress):
+            progress(r, rec)
+        elif progress:
             print(f"  round {r + 1}/{rounds}: k {rec.k} x {len(srv.clients.sizes)}, loss "
                   f"{rec.loss:.4f}, rel.var {rec.rel_var:.0f}, {rec.seconds:.1f}s", file=sys.stderr)
     events.emit("state", state="finished", step=max(start, rounds), total_steps=rounds)

@@ -1,6 +1,7 @@
 """`edgert train --peft bitfit|lora|adapter`: the main job with a parameter-efficient trainable set.
 
-The same data, schedule, evaluation and boards as `control.job.finetune`; the stages are compiled
+The same data, schedule, evaluation, boards and loop as `control.job.finetune` (a `Dense` mode
+whose compile function builds PEFT stages); the stages are compiled
 with `compiler.peft.peft_spec` (frozen tensors get no gradient and no AdamW state, docs/peft.md),
 new LoRA factors / adapters are initialised so that the model starts equal to the pretrained one,
 and the export is a Hugging Face folder: LoRA merged into the base weights; adapters in
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from control.job import TrainReport, load_model, rotten_tomatoes_batches, train_and_evaluate
-from control.local import LocalPipeline
+from compiler.model_spec import parse_split
+from control.connect import ClusterConfig
+from control.job import TrainReport, load_model, train_report
+from control.modes import Dense
 from edgert.errors import ConfigError
 
 PEFT_METHODS = ("bitfit", "lora", "adapter")
@@ -139,24 +142,24 @@ def finetune_peft(*, peft: PeftConfig, model_dir=None, out_dir: str | Path = "ru
             config=dataclasses.replace(model.config, num_hidden_layers=layers),
             weights={k: v for k, v in model.weights.items()
                      if not k.startswith("encoder.layer.") or int(k.split(".")[2]) < layers})
-    t0 = time.perf_counter()
-    bundles, _ = compile_peft_bundles(model, peft, out_dir / "bundles", stages=stages, split=split,
-                                      batch=batch, seq=seq, seed=seed, threads=threads,
-                                      configs=configs, tuning_db=tuning_db)
-    pipe = LocalPipeline(bundles, threads=threads, run_seed=seed)
-    train_enc, train_y, test = rotten_tomatoes_batches(model.path / "tokenizer.json", seq, batch,
-                                                       eval_examples, seed)
-    ranges = [(int(s.manifest.stage["first"]), int(s.manifest.stage["last"])) for s in pipe.stages]
-    rep = TrainReport(steps, len(ranges), ranges, batch, micro_batches, seq,
-                      compile_seconds=time.perf_counter() - t0)
-    train_and_evaluate(rep, pipe, bundles, train_enc, train_y, test, lr=lr, seed=seed,
-                       threads=threads, boards=boards, label=f"train ({peft.method})")
+    ranges = parse_split(split, stages, model.dims.layers)
+
+    def compile_fn(sp: str, out: Path) -> list[Path]:
+        return compile_peft_bundles(model, peft, out, stages=None, split=sp, batch=batch, seq=seq,
+                                    seed=seed, threads=threads, configs=configs,
+                                    tuning_db=tuning_db)[0]
+
+    where = ClusterConfig(boards=len(ranges), in_process=not boards, threads=threads or 0)
+    rep, params = train_report(model, Dense(compile_fn), where, ranges, out_dir, steps=steps,
+                               batch=batch, micro_batches=micro_batches, seq=seq, lr=lr,
+                               eval_examples=eval_examples, seed=seed,
+                               label=f"train ({peft.method})")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps({**asdict(rep), "peft": asdict(peft)},
                                                     indent=1))
     if export:
         from compiler.export import export_hf_internal
 
-        export_hf_internal(out_dir / "hf_model", model.config, pipe.params(), model.path, 2,
+        export_hf_internal(out_dir / "hf_model", model.config, params, model.path, 2,
                            lora_scale=peft.lora_scale, id2label=["negative", "positive"])
     return rep
