@@ -27,7 +27,7 @@ from typing import Any
 from control.dashboard import Dashboard
 from control.dashboard_state import DashState
 from control.events import EventLog
-from control.partition import MIB, Board, PartitionPlan, bert_costs, plan
+from control.partition import MIB, BoardSpec, PartitionPlan, bert_costs, plan
 from control.run_config import RunConfig
 from edgert.errors import ConfigError
 
@@ -42,7 +42,7 @@ def _model_dir(model: str | Path | None) -> Path:
     return Path(model) if model else default_model_dir()
 
 
-def _budget(p: Board) -> str:
+def _budget(p: BoardSpec) -> str:
     return "unlimited" if p.budget_bytes is None else f"{p.budget_bytes / MIB:.0f} MiB"
 
 
@@ -53,7 +53,7 @@ class Session:
     Create it with `connect`. Local boards are started per run (`train`) and stopped when it ends.
     """
 
-    profiles: tuple[Board, ...]
+    profiles: tuple[BoardSpec, ...]
     model: str = ""
 
     @property
@@ -101,7 +101,7 @@ class Session:
 
         Examples
         --------
-        >>> s = connect(profiles=[Board("big", 900 << 20), Board("small", 300 << 20)])
+        >>> s = connect(profiles=[BoardSpec("big", 900 << 20), BoardSpec("small", 300 << 20)])
         >>> p = s.plan(batch=8, seq=64)
         >>> p.boards, p.feasible
         (['big', 'small'], True)
@@ -170,7 +170,7 @@ class Session:
 
 
 def connect(boards: int = 2, *, budget_mib: float = 0.0,
-            profiles: Sequence[Board] | None = None, model: str | Path = "") -> Session:
+            profiles: Sequence[BoardSpec] | None = None, model: str | Path = "") -> Session:
     """Describe the boards to train on.
 
     Parameters
@@ -179,7 +179,7 @@ def connect(boards: int = 2, *, budget_mib: float = 0.0,
         Local board processes (`edgert serve` on 127.0.0.1, CURVE ZeroMQ), started per run.
     budget_mib : float
         Memory budget of each local board in MiB (0 = unlimited); boards refuse a stage over it.
-    profiles : list of control.partition.Board, optional
+    profiles : list of control.partition.BoardSpec, optional
         Instead of `boards`: one profile per board (name, memory budget, speed) for the planner.
         Runs start one local process per profile. Remote boards by address are not supported yet.
     model : path, optional
@@ -198,14 +198,15 @@ def connect(boards: int = 2, *, budget_mib: float = 0.0,
     --------
     >>> connect(boards=2, budget_mib=600)
     Session(2 local boards: board0 (600 MiB), board1 (600 MiB); model all-MiniLM-L6-v2)
-    >>> connect(profiles=[Board("phone", 512 << 20, gflops=20.0), Board("pi", 2 << 30)]).n_boards
+    >>> phone, pi = BoardSpec("phone", 512 << 20, gflops=20.0), BoardSpec("pi", 2 << 30)
+    >>> connect(profiles=[phone, pi]).n_boards
     2
     """
     if profiles is not None:
         profiles = tuple(profiles)
-        if not profiles or not all(isinstance(p, Board) for p in profiles):
+        if not profiles or not all(isinstance(p, BoardSpec) for p in profiles):
             raise ConfigError("connect(profiles=...): give a non-empty list of "
-                              "control.partition.Board, e.g. [Board('phone', 512 << 20)]")
+                              "control.partition.BoardSpec, e.g. [BoardSpec('phone', 512 << 20)]")
         return Session(profiles, str(model or ""))
     if type(boards) is not int or boards < 1:
         raise ConfigError(f"connect(boards={boards!r}): need an integer >= 1 (local board "
@@ -213,7 +214,7 @@ def connect(boards: int = 2, *, budget_mib: float = 0.0,
     if budget_mib < 0:
         raise ConfigError(f"connect(budget_mib={budget_mib}): must be >= 0 (0 = unlimited)")
     budget = int(budget_mib * MIB) if budget_mib else None
-    return Session(tuple(Board(f"board{i}", budget) for i in range(boards)), str(model or ""))
+    return Session(tuple(BoardSpec(f"board{i}", budget) for i in range(boards)), str(model or ""))
 
 
 @dataclass

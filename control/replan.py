@@ -19,7 +19,7 @@ decision (moved or not) the counters restart and nothing is measured for `cooldo
 
 Examples
 --------
->>> from control.partition import Board
+>>> from control.partition import BoardSpec
 >>> d = Drift(drift=1.5, patience=2)
 >>> w = Watch(d)
 >>> w.observe([0.10, 0.10], [0.10, 0.10])       # as planned
@@ -34,7 +34,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from control.partition import HOST_GFLOPS, HOST_MEM_GBPS, Board, ModelCosts, PartitionPlan
+from control.partition import HOST_GFLOPS, HOST_MEM_GBPS, BoardSpec, ModelCosts, PartitionPlan
 from control.partition import evaluate as evaluate_plan
 from control.partition import plan as make_plan
 from edgert.errors import ConfigError
@@ -124,7 +124,7 @@ class Watch:
         self.skip = (1 if deployed else 0) + (self.cfg.cooldown if decided else 0)
 
 
-def with_speed(board: Board, speed: float) -> Board:
+def with_speed(board: BoardSpec, speed: float) -> BoardSpec:
     """`board` running at `speed` x the host's modelled speed (compute and memory traffic)."""
     return replace(board, gflops=HOST_GFLOPS * speed, mem_gbps=HOST_MEM_GBPS * speed)
 
@@ -146,7 +146,7 @@ class Decision:
     why: str
 
 
-def decide(costs: ModelCosts, boards: Sequence[Board], speeds: dict[str, float],
+def decide(costs: ModelCosts, boards: Sequence[BoardSpec], speeds: dict[str, float],
            ranges: Sequence[tuple[int, int]], r: Sequence[float], n_micro: int,
            margin: float) -> Decision:
     """Re-plan stage boards `boards` (pipeline order, one per range) whose current speed estimates
@@ -187,9 +187,9 @@ class Planner:
         self.watch = Watch(drift)
         self.speeds: dict[str, float] = {}      # measured speed per board (1.0 = as modelled)
 
-    def boards(self, names: Sequence[str]) -> list[Board]:
+    def boards(self, names: Sequence[str]) -> list[BoardSpec]:
         """Planner boards for `names` with the budget and the measured speed estimates."""
-        return [with_speed(Board(n, self.budget_bytes), self.speeds.get(n, 1.0)) for n in names]
+        return [with_speed(BoardSpec(n, self.budget_bytes), self.speeds.get(n, 1.0)) for n in names]
 
     def plan_over(self, names: Sequence[str]) -> PartitionPlan:
         """The split over these boards (one stage each)."""

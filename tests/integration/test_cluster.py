@@ -160,7 +160,7 @@ def test_planner_memory_model_equals_board_estimate(bundles):
     """control/partition.py's footprint model agrees exactly with what the boards enforce
     (edgert.board.estimate_footprint on the compiled manifests), for K = 1, 2, 3."""
     from compiler.model_spec import ModelDims
-    from control.partition import Board, bert_costs, evaluate
+    from control.partition import BoardSpec, bert_costs, evaluate
     from edgert.artifact import load_manifest
     from edgert.board import estimate_footprint
 
@@ -168,7 +168,7 @@ def test_planner_memory_model_equals_board_estimate(bundles):
         ms = [load_manifest(p, verify=False) for p in paths]
         dims = ModelDims(**ms[0].dims)
         ranges = [(m.stage["first"], m.stage["last"]) for m in ms]
-        p = evaluate(bert_costs(dims, B, T), [Board(f"b{i}") for i in range(k)], ranges, 4)
+        p = evaluate(bert_costs(dims, B, T), [BoardSpec(f"b{i}") for i in range(k)], ranges, 4)
         for m, s in zip(ms, p.stages, strict=True):
             assert estimate_footprint(m, s.in_flight)["total"] == s.memory, (k, m.index)
 

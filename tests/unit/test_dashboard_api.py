@@ -6,7 +6,7 @@ import pytest
 
 from control.api import RunResult, connect
 from control.dashboard_state import DashState
-from control.partition import MIB, Board, PlanError
+from control.partition import MIB, BoardSpec, PlanError
 from control.run_config import RunConfig
 from edgert.errors import ConfigError
 from tests.unit.test_dashboard import fake_run
@@ -17,21 +17,21 @@ def test_connect_local_boards_and_budgets():
     assert s.n_boards == 3 and [p.name for p in s.profiles] == ["board0", "board1", "board2"]
     assert s.budget_mib == 512 and "board2 (512 MiB)" in repr(s) and "<table>" in s._repr_html_()
     assert connect(boards=1).budget_mib == 0                        # unlimited
-    mixed = connect(profiles=[Board("a", 500 * MIB), Board("b"), Board("c", 800 * MIB)])
+    mixed = connect(profiles=[BoardSpec("a", 500 * MIB), BoardSpec("b"), BoardSpec("c", 800 * MIB)])
     assert mixed.budget_mib == 500          # runs enforce one budget: the smallest given
 
 
 @pytest.mark.parametrize("kw,msg", [({"boards": 0}, "integer >= 1"), ({"boards": 1.5}, ">= 1"),
                                     ({"budget_mib": -1}, ">= 0"),
                                     ({"profiles": []}, "non-empty list"),
-                                    ({"profiles": ["phone"]}, "Board")])
+                                    ({"profiles": ["phone"]}, "BoardSpec")])
 def test_connect_rejects_bad_input_with_a_fix(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         connect(**kw)
 
 
 def test_plan_uses_the_profiles(minilm_dir):
-    s = connect(profiles=[Board("big", 900 * MIB), Board("small", 250 * MIB, gflops=20.0)])
+    s = connect(profiles=[BoardSpec("big", 900 * MIB), BoardSpec("small", 250 * MIB, gflops=20.0)])
     p = s.plan(batch=8, seq=64, micro_batches=2)
     assert p.boards == ["big", "small"] and p.feasible
     assert p.ranges[0][1] > 3                     # the slow, small board gets fewer layers

@@ -11,7 +11,7 @@ import pytest
 from compiler.model_spec import ModelDims, parse_split
 from control.partition import (
     MIB,
-    Board,
+    BoardSpec,
     LayerCost,
     Links,
     ModelCosts,
@@ -59,10 +59,11 @@ def _random_case(rng: random.Random):
     units.append(LayerCost("head", rng.uniform(0, 1e9), rng.randint(0, 2) * MIB, MIB, 1024))
     costs = ModelCosts(tuple(units), stage_saved_bytes=rng.randint(0, 1) * MIB)
     total = sum(4 * u.param_bytes + 4 * u.saved_bytes + u.out_bytes for u in units)
-    boards = [Board(f"b{k}", None if rng.random() < 0.2 else int(total * rng.uniform(0.15, 1.0)),
-                    gflops=rng.uniform(5, 100), mem_gbps=rng.uniform(2, 20),
-                    accel_gflops=rng.choice([None, rng.uniform(5, 200)]),
-                    accel_sync_ms=rng.uniform(0, 5)) for k in range(K)]
+    boards = [BoardSpec(f"b{k}",
+                        None if rng.random() < 0.2 else int(total * rng.uniform(0.15, 1.0)),
+                        gflops=rng.uniform(5, 100), mem_gbps=rng.uniform(2, 20),
+                        accel_gflops=rng.choice([None, rng.uniform(5, 200)]),
+                        accel_sync_ms=rng.uniform(0, 5)) for k in range(K)]
     bw = [[rng.uniform(1e6, 1e9) for _ in range(K)] for _ in range(K)]
     lat = [[rng.uniform(0, 0.01) for _ in range(K)] for _ in range(K)]
     return costs, boards, rng.randint(1, 6), Links(bw, lat)
@@ -123,7 +124,7 @@ def test_memory_matches_compiled_stage_layout():
     per_layer = 5 * M * D + M * 3 * D + B * H * T * T + 2 * M + 2 * M * F
     assert costs.units[1].saved_bytes == 4 * per_layer
     assert costs.units[1].param_bytes == 4 * (4 * D * D + 2 * D * F + 9 * D + F)
-    p = evaluate(costs, [Board("a"), Board("b")], [(0, 3), (3, 6)], n_micro=4)
+    p = evaluate(costs, [BoardSpec("a"), BoardSpec("b")], [(0, 3), (3, 6)], n_micro=4)
     s1 = p.stages[1]   # 3 layers + head, 1 in flight, outputs loss [1] + logits [B, 2]
     head_saved = 4 * (3 * B * D + 2 * B) + 8 * B
     want_saved = 3 * costs.units[1].saved_bytes + head_saved + 4 * B * T + 4 * (1 + 2 * B)
@@ -133,7 +134,7 @@ def test_memory_matches_compiled_stage_layout():
 
 def test_infeasible_says_who_is_short_and_by_how_much():
     costs = bert_costs(MINILM, 8, 128)
-    boards = [Board("tiny0", 150 * MIB), Board("big", 4096 * MIB)]
+    boards = [BoardSpec("tiny0", 150 * MIB), BoardSpec("big", 4096 * MIB)]
     with pytest.raises(PlanError) as e:
         plan(costs, boards, n_micro=4)
     msg = str(e.value)
@@ -147,7 +148,7 @@ def test_infeasible_says_who_is_short_and_by_how_much():
 
 def test_throttled_board_gets_fewer_layers():
     costs = bert_costs(BASE12, 8, 128)
-    boards = [Board("a"), Board("slow", gflops=87.0 / 4), Board("c"), Board("d")]
+    boards = [BoardSpec("a"), BoardSpec("slow", gflops=87.0 / 4), BoardSpec("c"), BoardSpec("d")]
     p = plan(costs, boards, n_micro=8)
     n = {s.board: s.layers for s in p.stages}
     assert all(n["slow"] < n[b] for b in "acd"), p.explain()
@@ -156,10 +157,11 @@ def test_throttled_board_gets_fewer_layers():
 
 def test_memory_tight_first_board_gets_fewer_layers():
     costs = bert_costs(MINILM, 8, 128)
-    loose = [Board("first"), Board("second"), Board("third")]
+    loose = [BoardSpec("first"), BoardSpec("second"), BoardSpec("third")]
     # Budget: the embeddings + one layer with 3 micro-batches in flight, and a little.
     one = evaluate(costs, loose, [(0, 1), (1, 3), (3, 6)], n_micro=4).stages[0].memory
-    boards = [Board("first", one + MIB), Board("second", 4096 * MIB), Board("third", 4096 * MIB)]
+    boards = [BoardSpec("first", one + MIB), BoardSpec("second", 4096 * MIB),
+              BoardSpec("third", 4096 * MIB)]
     p = plan(costs, boards, n_micro=4)
     assert p.stages[0].layers == 1 and p.feasible
     assert p.stages[0].layers < min(s.layers for s in p.stages[1:])
@@ -170,15 +172,15 @@ def test_memory_tight_first_board_gets_fewer_layers():
 
 def test_link_can_be_the_bottleneck():
     costs = bert_costs(MINILM, 8, 128)
-    p = plan(costs, [Board("a"), Board("b")], n_micro=4, links=Links(1e6, 0.0))
+    p = plan(costs, [BoardSpec("a"), BoardSpec("b")], n_micro=4, links=Links(1e6, 0.0))
     act = costs.units[1].out_bytes
     assert math.isclose(p.bottleneck_ms, 2 * act / 1e6 * 1e3) and p.binding().startswith("link")
 
 
 def test_head_split_to_accelerator_shortens_stage_time():
     costs = bert_costs(BASE12, 8, 128)
-    plain = [Board("a"), Board("b")]
-    accel = [Board("a"), Board("b", accel_gflops=200.0, accel_sync_ms=1.0)]
+    plain = [BoardSpec("a"), BoardSpec("b")]
+    accel = [BoardSpec("a"), BoardSpec("b", accel_gflops=200.0, accel_sync_ms=1.0)]
     same = [evaluate(costs, bs, [(0, 6), (6, 12)], 4).stages[1] for bs in (plain, accel)]
     assert same[1].ms < same[0].ms and 0 < same[1].accel_heads <= 12 == same[1].heads
     cpu, acc = plan(costs, plain, n_micro=4), plan(costs, accel, n_micro=4)
@@ -189,7 +191,7 @@ def test_head_split_to_accelerator_shortens_stage_time():
 
 def test_to_split_round_trips_and_explains():
     costs = bert_costs(BASE12, 4, 64)
-    boards = [Board("a", 2048 * MIB), Board("b", gflops=40.0), Board("c", gflops=60.0)]
+    boards = [BoardSpec("a", 2048 * MIB), BoardSpec("b", gflops=40.0), BoardSpec("c", gflops=60.0)]
     p = plan(costs, boards, n_micro=4, links=Links(50e6, 0.001))
     assert parse_split(p.to_split(), None, 12) == p.ranges
     text = p.explain()
@@ -201,16 +203,17 @@ def test_to_split_round_trips_and_explains():
 def test_measured_unit_table_is_used_as_is():
     costs = bert_costs(MINILM, 8, 128)
     ms = (10.0, 100, 100, 100, 100, 100, 100, 5.0)
-    p = plan(costs, [Board("a", unit_ms=ms), Board("b", unit_ms=tuple(3 * t for t in ms))], 4)
+    p = plan(costs, [BoardSpec("a", unit_ms=ms),
+                     BoardSpec("b", unit_ms=tuple(3 * t for t in ms))], 4)
     assert p.to_split() == "0:5,5:6" and math.isclose(p.stages[0].ms, 510.0)
     with pytest.raises(Exception, match="unit_ms has 3 entries"):
-        plan(costs, [Board("a", unit_ms=(1, 2, 3)), Board("b")], 4)
+        plan(costs, [BoardSpec("a", unit_ms=(1, 2, 3)), BoardSpec("b")], 4)
 
 
 def test_more_boards_than_layers_is_refused():
     costs = bert_costs(MINILM, 2, 16)
     with pytest.raises(Exception, match="only 6 layers"):
-        plan(costs, [Board(f"b{i}") for i in range(7)], 4)
+        plan(costs, [BoardSpec(f"b{i}") for i in range(7)], 4)
 
 
 # ---- objective="memory" -------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def test_memory_first_minilm_gives_stage0_fewest_layers():
     """MiniLM's 30522 x 384 word embedding (x4 with grads and Adam moments) sits on stage 0."""
     costs = bert_costs(MINILM, batch=8, seq=64)
     for K in (2, 3, 4):
-        boards = [Board(f"b{k}") for k in range(K)]
+        boards = [BoardSpec(f"b{k}") for k in range(K)]
         even = evaluate(costs, boards, parse_split(None, K, 6), n_micro=4)
         mem = plan(costs, boards, 4, objective="memory")
         assert mem.stages[0].layers == 1                      # only what it must hold
@@ -268,4 +271,4 @@ def test_memory_first_minilm_gives_stage0_fewest_layers():
 
 def test_unknown_objective_is_refused():
     with pytest.raises(ConfigError, match="objective must be 'time' or 'memory'"):
-        plan(bert_costs(MINILM, 8, 64), [Board("a")], 4, objective="speed")
+        plan(bert_costs(MINILM, 8, 64), [BoardSpec("a")], 4, objective="speed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compiler.model_spec import ModelDims
-from control.partition import Board, bert_costs, evaluate, plan
+from control.partition import BoardSpec, bert_costs, evaluate, plan
 from control.replan import (Drift, Watch, decide, drifting, predicted_step_s, ratios,
                             relative_drift, with_speed)
 from edgert.errors import ConfigError
@@ -60,7 +60,7 @@ def test_bad_thresholds_say_how_to_fix(bad):
 
 def test_a_quarter_speed_board_gets_fewer_layers_and_the_decision_is_stable():
     costs = minilm_costs()
-    boards = [Board("board0"), Board("board1")]
+    boards = [BoardSpec("board0"), BoardSpec("board1")]
     even = [(0, 3), (3, 6)]
     cur = evaluate(costs, boards, even, 2)
     # measured: board1 takes 4x its prediction, board0 as predicted
@@ -90,7 +90,7 @@ def test_a_quarter_speed_board_gets_fewer_layers_and_the_decision_is_stable():
 
 def test_small_drift_within_margin_does_not_move():
     costs = minilm_costs()
-    boards = [Board("board0"), Board("board1")]
+    boards = [BoardSpec("board0"), BoardSpec("board1")]
     best = plan(costs, boards, 2).ranges           # running the planner's own split
     pred = predicted_step_s(evaluate(costs, boards, best, 2))
     d = decide(costs, boards, {}, best, ratios([pred[0], pred[1] * 1.05], pred), 2, margin=0.1)
