@@ -11,7 +11,7 @@ control/fwdgrad_run.py's `drive`.
 Examples
 --------
 >>> run = FwdGradRun(BoardClients(cluster, bundle), names, values, cfg)   # doctest: +SKIP
->>> for r in range(20): run.round(r)                                      # doctest: +SKIP
+>>> drive(run, rounds=20, events=EventLog(), evaluate=ev, ckpt_root=None)  # doctest: +SKIP
 """
 
 from __future__ import annotations
