@@ -230,7 +230,7 @@ class Loop:
         self.cluster.deploy(bundles, micro_batches=self.job.micro_batches)
         t2 = time.perf_counter()
         if c is not None:
-            params, opt = c.load()                # the deployed layout, as it was saved
+            params, opt = c.load(dense=False)     # the deployed layout, as it was saved
             state = (params, opt, c.step)
         if state is not None:
             self.cluster.load_state(*state)
