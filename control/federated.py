@@ -127,6 +127,15 @@ class BoardClients:
                 "arrays": arrays} for s, r in zip(seeds, rows, strict=True)]
         return [dict(m.header.body) for m in self._all(Kind.FWDGRAD, kws)]
 
+    def board_stats(self) -> list[dict[str, Any]]:
+        """{name, rss_mib, peak_rss_mib} of every client board, now."""
+        out = []
+        for i, b in enumerate(self.boards):
+            st = self.c.stats(i)
+            out.append({"name": b.name, "rss_mib": st["rss"] / 2 ** 20,
+                        "peak_rss_mib": st["peak_rss"] / 2 ** 20})
+        return out
+
     def peak_rss(self) -> list[int]:
         self._memory("end")
         return [int(self.c.stats(i)["peak_rss"]) for i in range(len(self.boards))]
@@ -233,7 +242,7 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
 
     from control.events import EventLog
     from control.fwdgrad import trainable_names
-    from control.job import compile_bundles, load_model, rotten_tomatoes_batches
+    from control.job import load_model, rotten_tomatoes_batches
     from control.run_report import metrics, render_html
     from edgert.runtime import TvmStage
 
@@ -243,12 +252,9 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
     cfg = cfg or FwdGradConfig(seed=seed)
     out_dir = Path(out_dir)
     model = load_model(model_dir, num_labels=2, head_seed=seed)
-    if bundle is None and method.startswith("lora"):
-        bundle = compile_lora_bundle(model, out_dir / "bundles" / "lora", batch=batch, seq=seq,
-                                     seed=seed)
-    elif bundle is None:
-        bundle = compile_bundles(model, out_dir / "bundles", stages=1, batch=batch, seq=seq,
-                                 progress=progress)[0]
+    if bundle is None:
+        bundle = _client_bundle(model, method, out_dir / "bundles", batch=batch, seq=seq,
+                                seed=seed, progress=progress)
     stage = TvmStage.load(bundle)
     base = stage.params_numpy()
     names = trainable_names(list(base), method)
@@ -256,7 +262,7 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
                                                        eval_examples, seed)
     parts = split_clients(np.asarray(train_y), clients, alpha=alpha, seed=seed)
     shards = [{**{k: v[p] for k, v in train_enc.items()}, "labels": np.asarray(train_y)[p]}
-              for p in parts]
+              for p in parts]   # each client's rows, as one batch dict
     rep: dict[str, Any] = {"clients": clients, "rounds": rounds, "method": method, "alpha": alpha,
                            "batch": batch, "seq": seq, "rows_per_round": rows_per_round,
                            "trainable": int(sum(base[n].size for n in names)),
@@ -273,23 +279,15 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
 
     def run(cl: Any) -> FwdGradRun:
         srv = FwdGradRun(cl, names, {n: base[n] for n in names}, cfg, rows_per_round)
-        stats, who = None, [f"client{c}" for c in range(len(shards))]
-        if isinstance(cl, BoardClients):
-            who = [b.name for b in cl.boards]
-
-            def _stats() -> list[dict[str, Any]]:
-                out = []
-                for i, b in enumerate(cl.boards):
-                    st = cl.c.stats(i)
-                    out.append({"name": b.name, "rss_mib": st["rss"] / 2 ** 20,
-                                "peak_rss_mib": st["peak_rss"] / 2 ** 20})
-                return out
-            stats = _stats
+        on_boards = isinstance(cl, BoardClients)
+        who = [b.name for b in cl.boards] if on_boards else [f"client{c}"
+                                                             for c in range(len(shards))]
         rep["curve"] = drive(srv, rounds=rounds, events=events,
                              evaluate=lambda v: _eval(stage, base, v, test),
                              ckpt_root=out_dir / "checkpoints", checkpoint_every=checkpoint_every,
                              resume=resume, eval_every=eval_every, settings=settings,
-                             board_stats=stats, progress=progress, client_names=who)
+                             board_stats=cl.board_stats if on_boards else None,
+                             progress=progress, client_names=who)
         return srv
 
     t0 = time.perf_counter()
@@ -301,14 +299,28 @@ def fwdgrad_finetune(*, model_dir: str | Path | None = None, out_dir: str | Path
     rep["after"] = ({k: v for k, v in curve[-1].items() if k not in ("round", "seconds")}
                     if curve[-1]["round"] == rounds else _eval(stage, base, srv.values, test))
     rep["log"] = [asdict(x) for x in srv.log]
-    grad_bytes = 4 * rep["trainable"]
-    rep["bytes_per_round"] = {
-        "up_mean": float(np.mean([x.bytes_up for x in srv.log])),
-        "down_mean": float(np.mean([x.bytes_down for x in srv.log])),
-        "up_if_gradient_tensors": grad_bytes * clients,            # bytes, PEFT gradients
-        "up_if_full_gradients": 4 * sum(a.size for a in base.values()) * clients}
+    rep["bytes_per_round"] = _bytes_per_round(srv, rep["trainable"], base, clients)
     (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
     m = metrics(EventLog.read(out_dir / "events.jsonl"))        # the pipeline runs' views
     (out_dir / "metrics.json").write_text(json.dumps(m, indent=1))
     (out_dir / "report.html").write_text(render_html(m, title=f"edgert fwdgrad {out_dir.name}"))
     return rep
+
+
+def _client_bundle(model: Any, method: str, out: Path, *, batch: int, seq: int, seed: int,
+                   progress: bool) -> Path:
+    """The whole-model bundle every client holds: a LoRA bundle for the LoRA methods."""
+    if method.startswith("lora"):
+        return compile_lora_bundle(model, out / "lora", batch=batch, seq=seq, seed=seed)
+    from control.job import compile_bundles
+
+    return compile_bundles(model, out, stages=1, batch=batch, seq=seq, progress=progress)[0]
+
+
+def _bytes_per_round(srv: FwdGradRun, trainable: int, base: dict[str, np.ndarray],
+                     clients: int) -> dict[str, float]:
+    """Wire bytes per round, measured, against sending gradient tensors instead (bytes)."""
+    return {"up_mean": float(np.mean([x.bytes_up for x in srv.log])),
+            "down_mean": float(np.mean([x.bytes_down for x in srv.log])),
+            "up_if_gradient_tensors": 4 * trainable * clients,        # PEFT gradients
+            "up_if_full_gradients": 4 * sum(a.size for a in base.values()) * clients}

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from control.boards import arm64_rootfs, profile_launcher
-from control.cluster import LocalCluster
+from control.boards import arm64_rootfs
+from control.connect import ClusterConfig, open_cluster
 from control.job import compile_bundles, load_model
 from control.local import LocalPipeline, OptimConfig
 from edgert.profile import load_profile
@@ -71,8 +71,8 @@ def test_emulated_aarch64_board_matches_x86(rootfs, bundles, micro_batches):
 
     t0 = time.perf_counter()
     emu = load_profile("qemu-a76")           # board1: the emulated Cortex-A76 profile
-    with LocalCluster(2, launcher=profile_launcher({"board1": emu}, rootfs), start_timeout=300,
-                      timeout=600) as c:
+    where = ClusterConfig(boards=2, profiles={"board1": "qemu-a76"}, timeout_s=600)
+    with open_cluster(where) as c:           # control/connect.py: board1 under qemu (rootfs)
         started = time.perf_counter() - t0
         hello = c.request(c.boards[1], Kind.HELLO)
         exe = os.readlink(f"/proc/{hello.header.body['pid']}/exe")
