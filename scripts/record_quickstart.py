@@ -1,7 +1,8 @@
 """Record the main job's per-step losses and final weights, bit for bit, or compare with a record.
 
-    python scripts/record_quickstart.py --out tests/golden/quickstart_baseline.json          # all
-    python scripts/record_quickstart.py --variants short --compare tests/golden/quickstart_baseline.json
+    python scripts/record_quickstart.py --out tests/golden/quickstart_baseline.json      # all
+    python scripts/record_quickstart.py --variants short_run,short_boards \
+        --compare tests/golden/quickstart_baseline.json
 
 Variants (each runs the job through its public entry point, as the commands do):
 
