@@ -31,7 +31,8 @@ from control.local import OptimConfig, seed_vec, step_seed
 from control.telemetry import TelemetryClient, reachable
 from edgert.artifact import MANIFEST_FILE, Manifest, load_manifest
 from edgert.errors import BoardError, ConfigError
-from edgert.protocol import Kind, Message, chunk_file
+from edgert.deploy import chunk_file
+from edgert.protocol import Kind, Message
 from edgert.schedule import add_comms, add_step, async_1f1b, one_f_one_b, to_csv, validate
 from edgert.transport import CONTROLLER, KeyRing, ZmqTransport, generate_keys
 

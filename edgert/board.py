@@ -53,7 +53,8 @@ from edgert.artifact import Manifest, load_manifest
 from edgert.errors import BoardError, ProtocolError, ScheduleError, TransportError
 from edgert.executor import Inbox, OptimizerState, StepContext, StepPlan, StepRun, to_numpy
 from edgert.liveness import Liveness
-from edgert.protocol import MAGIC, Kind, Message, Reassembler, error_reply
+from edgert.deploy import Reassembler
+from edgert.protocol import MAGIC, Kind, Message, error_reply
 from edgert.schedule import Action, from_csv, max_in_flight
 from edgert.transport import FrameError, Peer, Transport, peer_addresses
 
