@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from control.cgroup import MemoryCgroup
-from control.local import OptimConfig, seed_vec, step_seed
+from control.local import OptimConfig
 from control.telemetry import TelemetryClient, reachable
 from edgert.artifact import MANIFEST_FILE, Manifest, load_manifest
+from edgert.contract import ACTIVATION, seed_vec, step_seed
 from edgert.errors import BoardError, ConfigError
 from edgert.deploy import chunk_file
 from edgert.protocol import Kind, Message
@@ -196,7 +197,7 @@ class LocalCluster:
         if note is None:
             return ""
         if b.manifest is not None and self.stages:     # what it was asked to hold
-            from edgert.board import estimate_footprint
+            from edgert.contract import estimate_footprint
 
             k, i = len(self.stages), self.stages.index(b) if b in self.stages else 0
             fp = estimate_footprint(b.manifest, min(k - i, self.n_mb or 1))["total"]
@@ -327,7 +328,7 @@ class LocalCluster:
     def _send_batches(self, step: int, micro: list[dict[str, np.ndarray]]) -> None:
         for i, b in enumerate(self.stages):
             assert b.manifest is not None
-            names = [t.name for t in b.manifest.data_inputs if t.name != "hidden"]
+            names = [t.name for t in b.manifest.data_inputs if t.name != ACTIVATION]
             for j, batch in enumerate(micro):
                 arrays = {n: np.ascontiguousarray(batch[n], np.int64) for n in names}
                 self.send(b, Kind.BATCH, step=step, stage=i, mb=j, arrays=arrays)
@@ -348,7 +349,7 @@ class LocalCluster:
         gradients, AdamW moments, saved activations x micro-batches in flight in this schedule);
         budgets come from the boards' PROFILE replies. Returns one row per board.
         """
-        from edgert.board import estimate_footprint
+        from edgert.contract import estimate_footprint
         from edgert.schedule import max_in_flight
 
         rows, over = [], []

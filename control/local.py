@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.contract import ACTIVATION, adamw_hyper, seed_vec, step_seed
 from edgert.errors import ConfigError
 from edgert.runtime import TvmStage, to_dev, to_np
 
@@ -49,28 +50,17 @@ class OptimConfig:
         return self.lr
 
     def hyper(self, step: int, grad_scale: float = 1.0) -> np.ndarray:
-        """The 8-vector the compiled AdamW reads (compiler/kernels/inplace.py HYPER)."""
-        return np.array([self.lr_at(step), self.beta1, self.beta2, self.eps, self.weight_decay,
-                         1 - self.beta1 ** step, 1 - self.beta2 ** step, grad_scale], np.float64)
-
-
-def step_seed(run_seed: int, step: int, mb: int) -> int:
-    """The dropout seed of one micro-batch: the same on every board and after a resume."""
-    x = (run_seed * 0x9E3779B1 + step * 0x85EBCA77 + mb * 0xC2B2AE3D + 1) & 0x7FFFFFFF
-    return x or 1
-
-
-def seed_vec(seed: int, dropout: bool) -> np.ndarray:
-    """The stages' `seed` input: (seed, dropout on/off). Off gives inference numerics exactly."""
-    return np.array([seed, 1 if dropout else 0], np.int64)
+        """The vector the compiled AdamW reads (edgert.contract.HYPER)."""
+        return adamw_hyper(self.lr_at(step), self.beta1, self.beta2, self.eps, self.weight_decay,
+                           step, grad_scale)
 
 
 def _run_splits_unsplit(bundles: list[Path | str], threads: int | None) -> None:
     """Head-split bundles (docs/head_split.md) call the board's attention functions; in this
     process they run unsplit (k = H, the full-head kernel on this process's thread pool) unless
-    the caller installed an executor for this shape (edgert.head_split_exec.install). All stages
+    the caller installed an executor for this shape (edgert.head_split.executor.install). All stages
     of a model share one attention shape, so one executor serves every stage."""
-    from edgert import head_split_exec as hsx
+    from edgert.head_split import executor as hsx
     from edgert.artifact import load_manifest
 
     for b in bundles:
@@ -88,7 +78,7 @@ def stage_inputs(stage: TvmStage, batch: dict[str, np.ndarray], hidden) -> list:
     """The data inputs a stage's forward takes, from the batch and the previous stage's output."""
     out = []
     for meta in stage.manifest.data_inputs:
-        out.append(hidden if meta.name == "hidden" else np.ascontiguousarray(batch[meta.name], np.int64))
+        out.append(hidden if meta.name == ACTIVATION else np.ascontiguousarray(batch[meta.name], np.int64))
     return out
 
 

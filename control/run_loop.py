@@ -285,7 +285,7 @@ def evaluate(run: Run, job: Job, params: dict[str, np.ndarray] | None) -> None:
 
 
 def board_events(run: Run) -> None:
-    from edgert.head_split_exec import second_backend_heads
+    from edgert.head_split.executor import second_backend_heads
 
     c, budget = run.cluster, run.config.budget_mib or None
     for i, b in enumerate(c.boards):

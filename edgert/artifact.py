@@ -28,6 +28,9 @@ STAGE_FORWARD = "stage_forward"
 STAGE_BACKWARD = "stage_backward"
 OPTIMIZER_STEP = "optimizer_step"
 ACCUMULATE = "grad_accumulate"
+# Forward-only entry of whole-model bundles: stage_loss(*data, *params) -> (loss, logits), dropout
+# off and no saved activations (compiler/stage.py; docs/fwdgrad.md "Memory").
+STAGE_LOSS = "stage_loss"
 LIB_FILE = "stage.so"
 PARAMS_FILE = "params.safetensors"
 MANIFEST_FILE = "manifest.json"

@@ -325,7 +325,7 @@ def _serve_profile(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from edgert.board import MIB, Board, BoardConfig
+    from edgert.board import MIB, BoardConfig, BoardDaemon
     from edgert.transport import KeyRing, ZmqTransport
 
     _serve_profile(a)
@@ -341,7 +341,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         endpoint = t.bind(f"tcp://{a.host}:{a.port}")
         t.bind_pub(f"tcp://{a.host}:{a.telemetry_port}")   # its endpoint: in the HELLO reply
         print(f"edgert-board {a.name} listening {endpoint}", flush=True)
-        Board(cfg, t).serve()
+        BoardDaemon(cfg, t).serve()
     finally:
         t.close()
     return 0

@@ -24,11 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from edgert.artifact import STAGE_LOSS
 from edgert.errors import BoardError
-
-# Forward-only entry of whole-model bundles: stage_loss(*data, *params) -> (loss, logits), dropout
-# off and no saved activations (compiler/stage.py; docs/fwdgrad.md "Memory").
-STAGE_LOSS = "stage_loss"
 
 
 def perturbation(seed: int, n: int) -> np.ndarray:

@@ -27,7 +27,8 @@ from compiler.model_spec import StageSpec, split_qkv, stage_specs
 from compiler.peft import peft_spec
 from compiler.stage import _salt
 from control.job import load_model
-from control.local import LocalPipeline, OptimConfig, seed_vec
+from control.local import LocalPipeline, OptimConfig
+from edgert.contract import seed_vec
 from edgert.errors import ConfigError, ModelError
 from edgert.runtime import to_np
 from tests import reference_bert as ref

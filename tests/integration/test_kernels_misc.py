@@ -16,6 +16,7 @@ from compiler.kernels import loss as L
 from compiler.kernels import norm as N
 from compiler.kernels import optim as O
 from compiler.kernels.common import keep_mask_numpy
+from edgert.contract import adamw_hyper
 from tests.numeric_util import central_fd
 
 HOST = get_arch("host")
@@ -396,7 +397,7 @@ def test_adamw_vs_numpy_f32(n):
     pr, mr, vr = p.astype(np.float64), m.astype(np.float64), v.astype(np.float64)
     for step in range(1, 4):
         g = rng.standard_normal(n).astype("float32")
-        h = O.adamw_hyper(1e-2, 0.9, 0.999, 1e-8, 0.01, step, grad_scale=0.5)
+        h = adamw_hyper(1e-2, 0.9, 0.999, 1e-8, 0.01, step, grad_scale=0.5)
         p, m, v = k(p, g, m, v, np.array(h, "float32"))
         pr, mr, vr = _adamw_np(pr, g.astype(np.float64), mr, vr, h)
     _close(p, pr, atol=2e-6)
@@ -415,7 +416,7 @@ def test_adamw_in_place_vs_torch():
     tparam = torch.nn.Parameter(torch.tensor(p0))
     opt = torch.optim.AdamW([tparam], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     for step, g in enumerate(grads, start=1):
-        h = O.adamw_hyper(1e-2, 0.9, 0.999, 1e-8, 0.01, step)
+        h = adamw_hyper(1e-2, 0.9, 0.999, 1e-8, 0.01, step)
         fn(tp, tvm.runtime.tensor(g), tm, tv, tvm.runtime.tensor(np.array(h, "float32")),
            tp, tm, tv)  # in place
         tparam.grad = torch.tensor(g)
