@@ -1,8 +1,9 @@
 """The compile cache: where compiled libraries live and what their keys cover.
 
-Compiled stage libraries (compiler/build.py) and head-split kernel libraries (compiler/head_split.py)
-are cached in `cache_dir()/libs/<key>`, the key a sha256 over everything that determines the code:
-stage spec, model dims, target record, kernel configs, `compiler_hash()` and the TVM version.
+Compiled stage libraries (compiler/build.py) and head-split kernel libraries
+(compiler/head_split.py) are cached in `cache_dir()/libs/<key>`, the key a sha256 over everything
+that determines the code: stage spec, model dims, target record, kernel configs,
+`compiler_hash()` and the TVM version.
 """
 
 from __future__ import annotations
@@ -37,5 +38,5 @@ def target_record(arch: Arch) -> dict:
     elif arch.name == "host" and arch.vector_bits == 256:
         flags = ["avx2"]
     return {"preset": arch.name, "kind": arch.kind, "tvm": arch.target, "host": arch.host,
-            "elf_machine": arch.elf_machine, "vector_bits": arch.vector_bits, "threads": arch.threads,
-            "cpu_flags": flags}
+            "elf_machine": arch.elf_machine, "vector_bits": arch.vector_bits,
+            "threads": arch.threads, "cpu_flags": flags}

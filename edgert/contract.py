@@ -73,7 +73,7 @@ def step_seed(run_seed: int, step: int, mb: int) -> int:
     return x or 1
 
 
-# ---- AdamW hyper-parameter vector -----------------------------------------------------------------
+# ---- AdamW hyper-parameter vector ---------------------------------------------------------------
 # `optimizer_step(*params, *grads, *m, *v, hyper)` reads these, in this order, cast to the stage's
 # dtype (compiler/kernels/optim.py, inplace.py); the gradient is multiplied by grad_scale first.
 HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "bias_correction1", "bias_correction2",
@@ -87,7 +87,7 @@ def adamw_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay:
                      grad_scale], np.float64)
 
 
-# ---- memory footprint of a loaded stage -----------------------------------------------------------
+# ---- memory footprint of a loaded stage ---------------------------------------------------------
 def estimate_footprint(m: Any, in_flight: int) -> dict[str, int]:
     """Bytes a loaded stage needs: trained params x 4 (params, grads, Adam m, v) + frozen params
     x 1 + saved activations x micro-batches in flight. `m` is an edgert.artifact.Manifest. The board
@@ -99,7 +99,7 @@ def estimate_footprint(m: Any, in_flight: int) -> dict[str, int]:
             "total": params + 3 * trained + saved * in_flight}
 
 
-# ---- attention head split (docs/head_split.md) ----------------------------------------------------
+# ---- attention head split (docs/head_split.md) --------------------------------------------------
 # A stage compiled with head_split=True calls two global packed functions instead of its own
 # attention kernels; the board registers them (edgert/head_split/executor.py):
 #     FWD_FUNC(qkv, maskf, seed, meta, ctx_out, probs_out)

@@ -12,6 +12,8 @@ from tvm.script import tirx as T
 from compiler.arch import Arch
 from edgert.contract import HYPER
 
+_N_HYPER = len(HYPER)   # a plain int: TVMScript evaluates buffer shapes from closure values
+
 
 def build_adamw_inplace(n: int, *, dtype: str = "float32", arch: Arch):
     """AdamW (torch.optim.AdamW semantics) on flat tensors, in place.
@@ -26,7 +28,7 @@ def build_adamw_inplace(n: int, *, dtype: str = "float32", arch: Arch):
 
     @T.prim_func(private=True)
     def adamw(p: T.Buffer((n,), dtype), g: T.Buffer((n,), dtype), m: T.Buffer((n,), dtype),
-              v: T.Buffer((n,), dtype), h: T.Buffer((len(HYPER),), dtype)):
+              v: T.Buffer((n,), dtype), h: T.Buffer((_N_HYPER,), dtype)):
         T.func_attr({"tirx.noalias": True})
         # No `let` inside the vectorised loop: TVM 0.27's vectoriser broadcasts lane 0 of a scalar let.
         for i0 in T.parallel(nv):

@@ -15,9 +15,9 @@ probabilities to the VM, which keeps them with the micro-batch's other activatio
 interleaves micro-batches) and hands them to the backward.
 
 The board tunes k when it loads such a stage (`SplitExecutor.tune`: the tuner of
-edgert/head_split/tuner.py over measured costs, cached by board, bundle, TVM version and shape; reused on
-restart, re-measured with LOAD body `head_split_retune: true`); LOAD body `head_split_k: K` forces
-a split point instead. The choice is in the LOAD reply, PROFILE, STATS and telemetry.
+edgert/head_split/tuner.py over measured costs, cached by board, bundle, TVM version and shape;
+reused on restart, re-measured with LOAD body `head_split_retune: true`); LOAD body
+`head_split_k: K` forces a split point instead. The choice is in the LOAD reply, PROFILE, STATS and telemetry.
 
 [Note: salt folding]
 Dropout masks are a counter hash h(index, seed, salt) with the salt compiled into each kernel
@@ -244,8 +244,9 @@ class SplitExecutor:
 
     def tune(self, *, board: str, source_hash: str, cache: SplitCache | None = None,
              retune: bool = False, reps: int = 7) -> TuneResult:
-        """Choose k on this board (edgert/head_split/tuner.py): cost of n heads = the worker's part, or the
-        in-process unsplit layer for n = H; copy(k) = two dispatches + this process's copies."""
+        """Choose k on this board (edgert/head_split/tuner.py): cost of n heads = the worker's part,
+        or the in-process unsplit layer for n = H; copy(k) = two dispatches + this process's
+        copies."""
         s = self.shape
         key = CacheKey(board, BACKENDS, source_hash, tvm_version(),
                        f"attn_stage B{s.B} T{s.T} H{s.H} d{s.d} {s.dtype} p{self.dropout}")

@@ -296,7 +296,7 @@ def test_train_peft_on_a_board_then_continue_from_the_export(tmp_path):
     (["--peft", "adapter", "--far", "0.4"], "--far and --peft"),
 ])
 def test_train_peft_flags_are_checked_before_any_work(argv, msg, capsys, tmp_path):
-    from edgert.cli import main
+    from control.cli import main
 
     assert main(["train", "--out", str(tmp_path / "x"), *argv]) == 2
     assert msg in capsys.readouterr().err
