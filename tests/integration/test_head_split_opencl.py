@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tvm
 
-from compiler import inspect as ci
+from compiler import build_inspect as ci
 from compiler.arch import get_arch
 from compiler.kernels.attention import build_attention_bwd, build_attention_fwd, subset_columns
 from edgert.contract import kernel_name
