@@ -3,7 +3,8 @@ uses, validated) and the name and shape of every tensor a config implies.
 
 Canonical tensor names are Hugging Face's without the ``bert.`` prefix, in HF ``nn.Linear`` layout
 ``[out, in]``: ``embeddings.word_embeddings.weight``,
-``encoder.layer.0.attention.self.query.weight``, ``pooler.dense.weight``, ``classifier.weight``. Reading a checkpoint folder: compiler/hf.py.
+``encoder.layer.0.attention.self.query.weight``, ``pooler.dense.weight``, ``classifier.weight``.
+Reading a checkpoint folder: compiler/hf.py.
 """
 
 from __future__ import annotations

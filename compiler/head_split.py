@@ -9,8 +9,8 @@ training stage calls the board instead of its own attention kernels (`emit_fwd` 
     dqkv       = call_dps_packed("edgert.attn.bwd", [qkv, probs, dctx, seed, meta])
 
 meta = int64 [layer, salt]: the layer index (for the board's logs) and its dropout salt. The
-board (edgert/head_split/executor.py) runs the kernels of `SPLIT_LIB`, built once per stage shape with
-salt `LIB_SALT`, for every layer: it folds the layer's salt into the seed it passes (see
+board (edgert/head_split/executor.py) runs the kernels of `SPLIT_LIB`, built once per stage shape
+with salt `LIB_SALT`, for every layer: it folds the layer's salt into the seed it passes (see
 [Note: salt folding] there), so one library of all k serves every layer and any tuned k.
 """
 

@@ -78,7 +78,8 @@ def stage_inputs(stage: TvmStage, batch: dict[str, np.ndarray], hidden) -> list:
     """The data inputs a stage's forward takes, from the batch and the previous stage's output."""
     out = []
     for meta in stage.manifest.data_inputs:
-        out.append(hidden if meta.name == ACTIVATION else np.ascontiguousarray(batch[meta.name], np.int64))
+        out.append(hidden if meta.name == ACTIVATION
+                   else np.ascontiguousarray(batch[meta.name], np.int64))
     return out
 
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from edgert.artifact import STAGE_LOSS
 from edgert.errors import BoardError
 
 

@@ -17,7 +17,8 @@ interleaves micro-batches) and hands them to the backward.
 The board tunes k when it loads such a stage (`SplitExecutor.tune`: the tuner of
 edgert/head_split/tuner.py over measured costs, cached by board, bundle, TVM version and shape;
 reused on restart, re-measured with LOAD body `head_split_retune: true`); LOAD body
-`head_split_k: K` forces a split point instead. The choice is in the LOAD reply, PROFILE, STATS and telemetry.
+`head_split_k: K` forces a split point instead. The choice is in the LOAD reply, PROFILE, STATS
+and telemetry.
 
 [Note: salt folding]
 Dropout masks are a counter hash h(index, seed, salt) with the salt compiled into each kernel
