@@ -10,7 +10,7 @@ manifest: edgert/artifact.py), the wire format (edgert/protocol.py) and the pipe
     TensorMeta, DTYPES   a tensor's name, shape and dtype (manifests and message headers)
     seed vector          a stage's dropout input: seed_vec, step_seed
     AdamW hyper vector   the floats `optimizer_step` reads: HYPER, adamw_hyper
-    footprint            the bytes a loaded stage needs: estimate_footprint
+    footprint            the bytes a loaded stage needs: footprint_bytes, estimate_footprint
     attention split      AttnShape and the names a head-split stage and its library use
 """
 
@@ -88,15 +88,21 @@ def adamw_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay:
 
 
 # ---- memory footprint of a loaded stage ---------------------------------------------------------
+def footprint_bytes(params: int, trained: int, saved_per_mb: int, in_flight: int) -> int:
+    """Bytes of a loaded stage: every parameter once, the trained ones 3 more times (gradients,
+    Adam m and v), and the saved activations of each micro-batch in flight."""
+    return params + 3 * trained + saved_per_mb * in_flight
+
+
 def estimate_footprint(m: Any, in_flight: int) -> dict[str, int]:
-    """Bytes a loaded stage needs: trained params x 4 (params, grads, Adam m, v) + frozen params
-    x 1 + saved activations x micro-batches in flight. `m` is an edgert.artifact.Manifest. The board
-    refuses a stage over its budget with it; the controller and the planner charge the same."""
+    """`footprint_bytes` of a compiled stage (`m`: an edgert.artifact.Manifest), with its parts.
+    The board refuses a stage over its budget with it; the controller and the planner charge the
+    same."""
     params = sum(t.nbytes for t in m.params)
     trained = sum(t.nbytes for t in m.trainable)
-    saved = sum(t.nbytes for t in m.saved) + sum(t.nbytes for t in m.outputs)
+    saved = sum(t.nbytes for t in m.saved) + sum(t.nbytes for t in m.outputs)   # per micro-batch
     return {"params": params, "trained": trained, "saved_per_mb": saved, "in_flight": in_flight,
-            "total": params + 3 * trained + saved * in_flight}
+            "total": footprint_bytes(params, trained, saved, in_flight)}
 
 
 # ---- attention head split (docs/head_split.md) --------------------------------------------------
