@@ -82,6 +82,8 @@ memory = rss, peak_rss, mem_total, mem_available (bytes).
                               message counts as one (liveness.py)
     error         B -> C,     type, message, ref_seq (the seq of the message that failed); the
                   B -> B      board keeps serving, and never answers an ERROR it receives
+    ok            B -> C      the "ok:" replies above: ref_seq + the fields listed; a board
+                              ignores an OK it receives
 
 Versioning: bump VERSION on any incompatible change. A peer speaking another version gets a
 ProtocolError naming both versions; anything else in frame 0 is reported as "not edgert".
