@@ -345,7 +345,7 @@ class LocalCluster:
     def check_plan_memory(self, bundle_dirs: list[Path | str], sched) -> list[dict[str, Any]]:
         """Refuse a plan whose stage footprints exceed the boards' budgets, before any upload.
 
-        Footprint per stage = the board's own estimate (edgert.board.estimate_footprint: weights,
+        Footprint per stage = the board's own estimate (edgert.contract.estimate_footprint: weights,
         gradients, AdamW moments, saved activations x micro-batches in flight in this schedule);
         budgets come from the boards' PROFILE replies. Returns one row per board.
         """
