@@ -178,7 +178,7 @@ def _embed_bwd_ms(model, batch: int, seq: int) -> float:
     no longer computes (compiler/stage.py `_embed_bwd`)."""
     from compiler.arch import get_arch
     from compiler.kernels.embed import build_embed_bwd
-    from compiler.tuning import Measurer
+    from compiler.kernel_tuning import Measurer
 
     d = model.dims
     meas = Measurer(get_arch("host"), min_runs=5)

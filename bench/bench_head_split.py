@@ -1,4 +1,4 @@
-"""Attention head split between two pinned CPU backends (edgert/autotune) at MiniLM-L6 shape.
+"""Attention head split between two pinned CPU backends (edgert/head_split) at MiniLM-L6 shape.
 
 Writes bench/results/head_split.json: attention fwd+bwd latency per head count on backend A
 (worker process pinned to core 0) and B (core 1), the serial copy/dispatch cost per split point,
@@ -32,9 +32,11 @@ import tvm  # noqa: E402
 
 from compiler.arch import get_arch  # noqa: E402
 from edgert.artifact import sha256_file  # noqa: E402
-from edgert.autotune.cache import CacheKey, SplitCache, tvm_version  # noqa: E402
-from edgert.autotune.measure import AttnShape, PinnedWorkers, tune_head_split  # noqa: E402
-from edgert.autotune.space import exhaustive, split_cost  # noqa: E402
+from edgert.contract import AttnShape  # noqa: E402
+from edgert.head_split.cache import CacheKey, SplitCache, tvm_version  # noqa: E402
+from edgert.head_split.space import exhaustive, split_cost  # noqa: E402
+from edgert.head_split.tuner import tune_head_split  # noqa: E402
+from edgert.head_split.workers import PinnedWorkers  # noqa: E402
 from compiler.head_split import build_split_library  # noqa: E402
 
 

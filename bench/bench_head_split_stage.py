@@ -61,7 +61,7 @@ def worker(cfg: dict) -> None:
         os.sched_setaffinity(0, {cfg["core"]})
     from control.data import Tokenizer, load_rotten_tomatoes
     from compiler.hf import default_model_dir
-    from edgert import head_split_exec as hsx
+    from edgert.head_split import executor as hsx
     from edgert.artifact import load_manifest
     from edgert.runtime import TvmStage
 

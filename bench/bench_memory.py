@@ -44,10 +44,10 @@ MIB = 1 << 20
 def memory_first_split(k: int, batch: int, seq: int, micro: int) -> tuple[str, object]:
     from compiler.hf import default_model_dir
     from control.job import load_model
-    from control.partition import Board, bert_costs, plan
+    from control.partition import BoardSpec, bert_costs, plan
 
     dims = load_model(default_model_dir(), num_labels=2, head_seed=0).dims
-    p = plan(bert_costs(dims, batch, seq), [Board(f"board{i}") for i in range(k)], micro,
+    p = plan(bert_costs(dims, batch, seq), [BoardSpec(f"board{i}") for i in range(k)], micro,
              objective="memory")
     return p.to_split(), p
 
@@ -56,11 +56,11 @@ def estimates(split: str, batch: int, seq: int, micro: int) -> list[dict]:
     from compiler.hf import default_model_dir
     from compiler.model_spec import parse_split
     from control.job import load_model
-    from control.partition import Board, bert_costs, evaluate
+    from control.partition import BoardSpec, bert_costs, evaluate
 
     dims = load_model(default_model_dir(), num_labels=2, head_seed=0).dims
     ranges = parse_split(split, None, dims.layers)
-    p = evaluate(bert_costs(dims, batch, seq), [Board(f"board{i}") for i in range(len(ranges))],
+    p = evaluate(bert_costs(dims, batch, seq), [BoardSpec(f"board{i}") for i in range(len(ranges))],
                  ranges, micro)
     return [{"layers": [s.first, s.last], "estimate_mib": s.memory / MIB,
              "params_mib": s.params / MIB, "saved_per_mb_mib": s.saved_per_mb / MIB,

@@ -43,7 +43,7 @@ def _split(ranges) -> str:
 def throttled(rounds: int = 4, steps: int = 4, batch: int = 4, seq: int = 32, m: int = 2) -> dict:
     from control.job import load_model
     from control.local import OptimConfig
-    from control.partition import Board, bert_costs, evaluate
+    from control.partition import BoardSpec, bert_costs, evaluate
     from control.replan import Drift, Watch, decide, predicted_step_s, with_speed
 
     os.environ["TVM_BIND_THREADS"] = "0"
@@ -60,7 +60,7 @@ def throttled(rounds: int = 4, steps: int = 4, batch: int = 4, seq: int = 32, m:
         return [train[next(nxt) % len(train)] for _ in range(m)]
 
     even = [(0, 3), (3, 6)]
-    boards = [Board("board0"), Board("board1")]
+    boards = [BoardSpec("board0"), BoardSpec("board1")]
     bundles = {_split(even): _bundles(model, _split(even), batch, seq)}
     c = _cluster_cls()(2, pin, threads=1, timeout=600)
     try:

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     print(f"compiled in {time.perf_counter() - t:.1f}s (full model: {compile_full:.1f}s)", file=sys.stderr)
     tuned_pipe, tuned_info = None, {"db": None}
     if a.tuning_db and a.tuning_db.is_file():
-        from compiler.tuning import board_configs
+        from compiler.kernel_tuning import board_configs
 
         cfgs = board_configs(arch, a.tuning_db)
         if cfgs:

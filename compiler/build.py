@@ -19,42 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from compiler.arch import Arch
+from compiler.compile_cache import cache_dir, compiler_hash, target_record
 from compiler.model_spec import ModelDims, StageSpec, stage_params
 from edgert.artifact import (
     ACCUMULATE, LIB_FILE, MANIFEST_FILE, OPTIMIZER_STEP, PARAMS_FILE, STAGE_BACKWARD, STAGE_FORWARD,
-    Manifest, TensorMeta, sha256_file,
+    STAGE_LOSS, Manifest, sha256_file,
 )
+from edgert.contract import ACTIVATION, SPLIT_LIB, TensorMeta
 from edgert.errors import ArtifactError, ModelError
-from edgert.fwdgrad import STAGE_LOSS
 
 log = logging.getLogger(__name__)
-
-_SRC = Path(__file__).resolve().parent
-
-
-def compiler_hash() -> str:
-    """sha256 over the compiler's own sources: a change to any kernel invalidates cached builds."""
-    h = hashlib.sha256()
-    for p in sorted(_SRC.rglob("*.py")):
-        h.update(p.relative_to(_SRC).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGERT_CACHE", Path.home() / ".cache" / "edgert"))
-
-
-def _target_record(arch: Arch) -> dict:
-    flags = []
-    if arch.name == "host" and arch.vector_bits == 512:
-        flags = ["avx512f"]
-    elif arch.name == "host" and arch.vector_bits == 256:
-        flags = ["avx2"]
-    return {"preset": arch.name, "kind": arch.kind, "tvm": arch.target, "host": arch.host,
-            "elf_machine": arch.elf_machine, "vector_bits": arch.vector_bits, "threads": arch.threads,
-            "cpu_flags": flags}
-
 
 def _relax_pipeline(arch: Arch):
     """CPU kernels arrive scheduled: TVM's "default" pipeline only lowers them.
@@ -105,7 +79,7 @@ def compile_stage(dims: ModelDims, spec: StageSpec, arch: Arch, *, dtype: str = 
     head_split: attention through the board's split executor (compiler/head_split.py)."""
     import tvm
 
-    key = {"dims": asdict(dims), "spec": asdict(spec), "target": _target_record(arch),
+    key = {"dims": asdict(dims), "spec": asdict(spec), "target": target_record(arch),
            "dtype": dtype, "configs": configs or {}, "compiler": compiler_hash(),
            "tvm": tvm.__version__}
     if head_split:   # absent otherwise: unsplit stages keep their cache keys
@@ -179,12 +153,12 @@ def _stage_io(dims, spec, dtype: str) -> tuple[list, list, list[TensorMeta], lis
     if spec.has_embeddings:
         data += [TensorMeta("input_ids", (B, T), "int64"), TensorMeta("token_type_ids", (B, T), "int64")]
     else:
-        data.append(TensorMeta("hidden", (B * T, D), dtype))
+        data.append(TensorMeta(ACTIVATION, (B * T, D), dtype))
     data.append(TensorMeta("attention_mask", (B, T), "int64"))
     if spec.has_head:
         data.append(TensorMeta("labels", (B,), "int64"))
     outs = ([TensorMeta("loss", (1,), dtype), TensorMeta("logits", (B, dims.num_labels), dtype)]
-            if spec.has_head else [TensorMeta("hidden", (B * T, D), dtype)])
+            if spec.has_head else [TensorMeta(ACTIVATION, (B * T, D), dtype)])
     return stage_params(spec, dims), data, outs
 
 
@@ -193,7 +167,6 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
                  dtype: str = "float32", split_lib: Path | None = None) -> Manifest:
     """Assemble a bundle directory (see edgert/artifact.py) from a compiled library and parameters
     (and the head-split kernel library of a stage compiled with head_split)."""
-    from edgert.head_split_exec import SPLIT_LIB
     import tvm
     from safetensors.numpy import save_file
 
@@ -220,7 +193,7 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
               str(out_dir / PARAMS_FILE))
     m = Manifest(
         model_id=model_id, checkpoint_sha256=checkpoint_sha256, dims=asdict(dims), stage=asdict(spec),
-        target=_target_record(arch), tvm_version=tvm.__version__, compiler_hash=compiler_hash(),
+        target=target_record(arch), tvm_version=tvm.__version__, compiler_hash=compiler_hash(),
         dtype=dtype, data_inputs=tuple(data), outputs=tuple(outs),
         saved=tuple(TensorMeta(n, tuple(s), d) for n, s, d in info["saved"]),
         params=tuple(TensorMeta(n, tuple(s), dtype) for n, s in names),

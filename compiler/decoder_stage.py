@@ -30,6 +30,7 @@ from compiler.llama import GATE_UP, LORA_A, LORA_B, QKV, DecoderSpec, LlamaConfi
 from compiler.peft import build_scale
 from compiler.stage import Emitter, StageGraph, _tt
 from edgert.artifact import STAGE_BACKWARD, STAGE_FORWARD
+from edgert.contract import ACTIVATION, SEED_DTYPE, SEED_SHAPE
 
 
 HEAD_SLICE = 4096   # vocabulary rows per head-GEMM call; see [Note: head workspace]
@@ -54,7 +55,7 @@ class DecoderStageGraph(StageGraph):
     def data_vars(self) -> list[relax.Var]:
         B, T, H = self.s.batch, self.s.seq, self.c.hidden_size
         vs = [relax.Var("input_ids", _tt((B, T), "int64")) if self.s.has_embeddings
-              else relax.Var("hidden", _tt((B * T, H), self.dtype))]
+              else relax.Var(ACTIVATION, _tt((B * T, H), self.dtype))]
         vs.append(relax.Var("attention_mask", _tt((B, T), "int64")))
         if self.s.has_head:
             vs.append(relax.Var("labels", _tt((B, T), "int64")))
@@ -132,12 +133,12 @@ class DecoderStageGraph(StageGraph):
         return "lm_head.weight"
 
     def build_forward(self, name: str = STAGE_FORWARD):
-        """stage_forward; or (name = edgert.fwdgrad.STAGE_LOSS, which StageGraph.build adds for a
+        """stage_forward; or (name = edgert.artifact.STAGE_LOSS, which StageGraph.build adds for a
         whole-model stage) the forward-only (loss, logits) without saved activations."""
         bb, s, c = self.bb, self.s, self.c
         only = name != STAGE_FORWARD
         data = self.data_vars()
-        seed = relax.Var("seed", _tt((2,), "int64"))
+        seed = relax.Var("seed", _tt(SEED_SHAPE, SEED_DTYPE))
         pv = self.param_vars()
         P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
         with bb.function(name, [*data, *pv] if only else [*data, seed, *pv]):
@@ -247,7 +248,7 @@ class DecoderStageGraph(StageGraph):
                       for n, t in zip(self.saved_names, self._saved_types, strict=True)]
         dout = (relax.Var("loss_scale", _tt((1,), self.dtype)) if s.has_head
                 else relax.Var("dhidden", _tt((self.M, c.hidden_size), self.dtype)))
-        seed = relax.Var("seed", _tt((2,), "int64"))
+        seed = relax.Var("seed", _tt(SEED_SHAPE, SEED_DTYPE))
         pv = self.param_vars()
         P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
         SV = dict(zip(self.saved_names, saved_vars, strict=True))

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.hf import BertConfig, expected_shapes, head_shapes, pooler_shapes, sha256_file
+from compiler.bert_config import BertConfig, expected_shapes, head_shapes, pooler_shapes
+from edgert.artifact import sha256_file
 from edgert.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)

@@ -2,15 +2,15 @@
 
 A two-backend split of an attention layer at k runs heads [0, k) on one backend and [k, H) on the
 other. `build_split_library` builds every kernel such a split needs, for every k, into one module
-(named as `edgert.autotune.measure.kernel_name` expects). With `StageGraph(head_split=True)` a
+(named by `edgert.contract.kernel_name`). With `StageGraph(head_split=True)` a
 training stage calls the board instead of its own attention kernels (`emit_fwd` / `emit_bwd`):
 
     ctx, probs = call_dps_packed("edgert.attn.fwd", [qkv, maskf, seed, meta])
     dqkv       = call_dps_packed("edgert.attn.bwd", [qkv, probs, dctx, seed, meta])
 
 meta = int64 [layer, salt]: the layer index (for the board's logs) and its dropout salt. The
-board (edgert/head_split_exec.py) runs the kernels of `SPLIT_LIB`, built once per stage shape with
-salt `LIB_SALT`, for every layer: it folds the layer's salt into the seed it passes (see
+board (edgert/head_split/executor.py) runs the kernels of `SPLIT_LIB`, built once per stage shape
+with salt `LIB_SALT`, for every layer: it folds the layer's salt into the seed it passes (see
 [Note: salt folding] there), so one library of all k serves every layer and any tuned k.
 """
 
@@ -28,10 +28,10 @@ import tvm
 from tvm import relax
 
 from compiler.arch import Arch
+from compiler.compile_cache import cache_dir, compiler_hash, target_record
 from compiler.kernels.attention import build_attention_bwd, build_attention_fwd
-from edgert.autotune.measure import AttnShape, kernel_name
+from edgert.contract import BWD_FUNC, FWD_FUNC, LIB_SALT, SPLIT_LIB, AttnShape, kernel_name
 from edgert.errors import ConfigError
-from edgert.head_split_exec import BWD_FUNC, FWD_FUNC, LIB_SALT
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,14 @@ def compile_split_library(shape: AttnShape, dropout: float, arch: Arch, *,
                           use_cache: bool = True) -> tuple[Path, float]:
     """The exported split library of a stage (salt LIB_SALT), from the compile cache if built
     before; returns (path, seconds spent compiling, 0 from the cache)."""
-    from compiler.build import _target_record, cache_dir, compiler_hash
-
     if not arch.is_cpu:
         raise ConfigError(f"head split runs on CPU backends only; target {arch.name} is "
                           f"{arch.kind}: compile without --head-split")
     key_src = json.dumps({"split_lib": [shape.B, shape.T, shape.H, shape.d, shape.dtype],
-                          "dropout": dropout, "salt": LIB_SALT, "target": _target_record(arch),
+                          "dropout": dropout, "salt": LIB_SALT, "target": target_record(arch),
                           "compiler": compiler_hash(), "tvm": tvm.__version__}, sort_keys=True)
     out = cache_dir() / "libs" / ("split-" + hashlib.sha256(key_src.encode()).hexdigest()[:24])
-    lib = out / "attn_split.so"
+    lib = out / SPLIT_LIB
     if use_cache and lib.is_file():
         return lib, 0.0
     t0 = time.perf_counter()

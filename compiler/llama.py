@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgert.contract import ACTIVATION
 from edgert.errors import ModelError
 
 CONFIG_FILE = "config.json"
@@ -355,9 +356,9 @@ def stage_io(cfg: LlamaConfig, spec: DecoderSpec, dtype: str = "float32"):
     order of ``stage_forward`` (the bundle manifest records them; compiler/build.py)."""
     B, T, H = spec.batch, spec.seq, cfg.hidden_size
     data = [("input_ids", (B, T), "int64") if spec.has_embeddings
-            else ("hidden", (B * T, H), dtype), ("attention_mask", (B, T), "int64")]
+            else (ACTIVATION, (B * T, H), dtype), ("attention_mask", (B, T), "int64")]
     if spec.has_head:
         data.append(("labels", (B, T), "int64"))
     outs = ([("loss", (1,), dtype), ("logits", (B * T, cfg.vocab_size), dtype)] if spec.has_head
-            else [("hidden", (B * T, H), dtype)])
+            else [(ACTIVATION, (B * T, H), dtype)])
     return data, outs

@@ -39,8 +39,8 @@ from compiler import peft
 from compiler import adapters
 from compiler.kernels import attention, elementwise, embed, gemm, inplace, loss, norm, optim
 from compiler.model_spec import ModelDims, StageSpec, stage_params, trainable_params
-from edgert.artifact import ACCUMULATE, OPTIMIZER_STEP, STAGE_BACKWARD, STAGE_FORWARD
-from edgert.fwdgrad import STAGE_LOSS
+from edgert.artifact import ACCUMULATE, OPTIMIZER_STEP, STAGE_BACKWARD, STAGE_FORWARD, STAGE_LOSS
+from edgert.contract import ACTIVATION, HYPER, SEED_DTYPE, SEED_SHAPE
 
 
 def _tt(shape, dtype="float32"):
@@ -126,7 +126,7 @@ class StageGraph:
             vs += [relax.Var("input_ids", _tt((B, T), "int64")),
                    relax.Var("token_type_ids", _tt((B, T), "int64"))]
         else:
-            vs.append(relax.Var("hidden", _tt((B * T, d.hidden), self.dtype)))
+            vs.append(relax.Var(ACTIVATION, _tt((B * T, d.hidden), self.dtype)))
         vs.append(relax.Var("attention_mask", _tt((B, T), "int64")))
         if s.has_head:
             vs.append(relax.Var("labels", _tt((B,), "int64")))
@@ -215,7 +215,7 @@ class StageGraph:
         bb, s = self.bb, self.s
         only = name == STAGE_LOSS
         data = self.data_vars()
-        seed = relax.Var("seed", _tt((2,), "int64"))
+        seed = relax.Var("seed", _tt(SEED_SHAPE, SEED_DTYPE))
         pv = self.param_vars()
         P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
         with bb.function(name, [*data, *pv] if only else [*data, seed, *pv]):
@@ -341,7 +341,7 @@ class StageGraph:
             dout = relax.Var("loss_scale", _tt((1,), self.dtype))
         else:
             dout = relax.Var("dhidden", _tt((self.M, d.hidden), self.dtype))
-        seed = relax.Var("seed", _tt((2,), "int64"))
+        seed = relax.Var("seed", _tt(SEED_SHAPE, SEED_DTYPE))
         pv = self.param_vars()
         P = {n: v for (n, _), v in zip(self.params, pv, strict=True)}
         SV = dict(zip(self.saved_names, saved_vars, strict=True))
@@ -377,7 +377,7 @@ class StageGraph:
         tr = self.trainable   # See [Note: frozen params]
         params, grads = self.param_vars("p_", tr), self.param_vars("g_", tr)
         ms, vs = self.param_vars("m_", tr), self.param_vars("v_", tr)
-        hyper = relax.Var("hyper", _tt((8,), self.dtype))
+        hyper = relax.Var("hyper", _tt((len(HYPER),), self.dtype))
         with bb.function(OPTIMIZER_STEP, [*params, *grads, *ms, *vs, hyper]):
             with bb.dataflow():
                 outs = []

@@ -133,7 +133,7 @@ class LocalCluster(BoardCluster):
         if note is None:
             return ""
         if b.manifest is not None and self.stages:     # what it was asked to hold
-            from edgert.board import estimate_footprint
+            from edgert.contract import estimate_footprint
 
             k, i = len(self.stages), self.stages.index(b) if b in self.stages else 0
             fp = estimate_footprint(b.manifest, min(k - i, self.n_mb or 1))["total"]

@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from control.local import OptimConfig, seed_vec, step_seed
+from control.local import OptimConfig
 from control.telemetry import TelemetryClient, reachable
 from edgert.artifact import MANIFEST_FILE, Manifest, load_manifest
+from edgert.contract import ACTIVATION, estimate_footprint, seed_vec, step_seed
+from edgert.deploy import chunk_file
 from edgert.errors import BoardError, ConfigError
-from edgert.protocol import Kind, Message, chunk_file
+from edgert.protocol import Kind, Message
 from edgert.schedule import add_comms, add_step, async_1f1b, one_f_one_b, to_csv, validate
 from edgert.transport import CONTROLLER, KeyRing, ZmqTransport
 
@@ -214,7 +216,7 @@ class BoardCluster:
     def _send_batches(self, step: int, micro: list[dict[str, np.ndarray]]) -> None:
         for i, b in enumerate(self.stages):
             assert b.manifest is not None
-            names = [t.name for t in b.manifest.data_inputs if t.name != "hidden"]
+            names = [t.name for t in b.manifest.data_inputs if t.name != ACTIVATION]
             for j, batch in enumerate(micro):
                 arrays = {n: np.ascontiguousarray(batch[n], np.int64) for n in names}
                 self.send(b, Kind.BATCH, step=step, stage=i, mb=j, arrays=arrays)
@@ -231,11 +233,10 @@ class BoardCluster:
     def check_plan_memory(self, bundle_dirs: list[Path | str], sched) -> list[dict[str, Any]]:
         """Refuse a plan whose stage footprints exceed the boards' budgets, before any upload.
 
-        Footprint per stage = the board's own estimate (edgert.board.estimate_footprint: weights,
+        Footprint per stage = the board's own estimate (edgert.contract.estimate_footprint: weights,
         gradients, AdamW moments, saved activations x micro-batches in flight in this schedule);
         budgets come from the boards' PROFILE replies. Returns one row per board.
         """
-        from edgert.board import estimate_footprint
         from edgert.schedule import max_in_flight
 
         rows, over = [], []

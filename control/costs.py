@@ -82,7 +82,7 @@ def bert_costs(dims: ModelDims, batch: int, seq: int, dtype_bytes: int = 4,
     h1, u, g, xhat2, rstd2; embeddings: ids, tt (int64), xhat, rstd; head: cls, pooled, pooled_d,
     probs, labels (int64); every stage: maskf [B,T]. Outputs: hidden [B*T, D], or loss + logits.
     `split_qkv`: a head split also moves those heads' QKV projection columns (else only the
-    attention core, as edgert/autotune's two-backend split does).
+    attention core, as edgert/head_split's two-backend split does).
     """
     B, T, D, F, H, C = batch, seq, dims.hidden, dims.ffn, dims.heads, dims.num_labels
     M, f = B * T, dtype_bytes

@@ -107,7 +107,7 @@ def compile_far_bundles(model, plan: FarPlan, weights: dict[str, np.ndarray],
 
     arch = get_arch(target, threads)
     if configs is None:   # as compile_bundles: the board's tuning database, if any
-        from compiler.tuning import board_configs
+        from compiler.kernel_tuning import board_configs
 
         configs = board_configs(arch, None)
     far_w = reconfigure(weights, plan)

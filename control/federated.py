@@ -171,9 +171,9 @@ def compile_lora_bundle(model: Any, out_dir: str | Path, *, batch: int, seq: int
     factors by name (method "lora")."""
     from compiler.arch import get_arch
     from compiler.build import build_bundle
+    from compiler.kernel_tuning import board_configs
     from compiler.model_spec import stage_specs
     from compiler.peft import lora_init, peft_spec
-    from compiler.tuning import board_configs
 
     arch = get_arch("host")
     (spec,) = stage_specs([(0, model.dims.layers)], batch, seq)

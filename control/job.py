@@ -66,14 +66,14 @@ def compile_bundles(model: Model, out_dir: str | Path, *, stages: int | None = N
     the board tunes when it loads the stage (docs/head_split.md).
 
     `configs`: kernel configs by workload key; None = the board's tuning database (`tuning_db`, by
-    default compiler.tuning.default_db_path(), if it exists); {} = the kernels' default
+    default compiler.kernel_tuning.default_db_path(), if it exists); {} = the kernels' default
     schedules."""
     from compiler.arch import get_arch
     from compiler.build import build_bundle
 
     arch = get_arch(target, threads)
     if configs is None:
-        from compiler.tuning import board_configs
+        from compiler.kernel_tuning import board_configs
 
         configs = board_configs(arch, tuning_db)
         if progress and configs:

@@ -12,7 +12,7 @@ then every stage's AdamW runs in place. Held-out evaluation runs a forward-only 
 off); `forward_backward` / `grads` run one micro-batch without the optimizer (gradient checks).
 
 The optimizer schedule (`OptimConfig`, whose `hyper` is the vector the compiled AdamW reads) and the
-dropout seeds (`step_seed`, `seed_vec`) are computed here for the boards too: see
+dropout seeds (`step_seed`, `seed_vec`, edgert/contract.py) are computed here for the boards too: see
 [Note: seeds and hyper-parameters come from the controller] in edgert/executor.py.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edgert.contract import ACTIVATION, adamw_hyper, seed_vec, step_seed
 from edgert.errors import ConfigError, ScheduleError
 from edgert.executor import Inbox, OptimizerState, StepContext, StepPlan, StepRun
 from edgert.protocol import Kind, Message
@@ -65,20 +66,9 @@ class OptimConfig:
         return self.lr
 
     def hyper(self, step: int, grad_scale: float = 1.0) -> np.ndarray:
-        """The 8-vector the compiled AdamW reads (compiler/kernels/inplace.py HYPER)."""
-        return np.array([self.lr_at(step), self.beta1, self.beta2, self.eps, self.weight_decay,
-                         1 - self.beta1 ** step, 1 - self.beta2 ** step, grad_scale], np.float64)
-
-
-def step_seed(run_seed: int, step: int, mb: int) -> int:
-    """The dropout seed of one micro-batch: the same on every board and after a resume."""
-    x = (run_seed * 0x9E3779B1 + step * 0x85EBCA77 + mb * 0xC2B2AE3D + 1) & 0x7FFFFFFF
-    return x or 1
-
-
-def seed_vec(seed: int, dropout: bool) -> np.ndarray:
-    """The stages' `seed` input: (seed, dropout on/off). Off gives inference numerics exactly."""
-    return np.array([seed, 1 if dropout else 0], np.int64)
+        """The vector the compiled AdamW reads (edgert.contract.HYPER)."""
+        return adamw_hyper(self.lr_at(step), self.beta1, self.beta2, self.eps, self.weight_decay,
+                           step, grad_scale)
 
 
 EVAL_SEED = seed_vec(1, False)     # dropout off: evaluation, gradient checks
@@ -87,10 +77,10 @@ EVAL_SEED = seed_vec(1, False)     # dropout off: evaluation, gradient checks
 def _run_splits_unsplit(bundles: Sequence[Path | str], threads: int | None) -> None:
     """Head-split bundles (docs/head_split.md) call the board's attention functions; in this
     process they run unsplit (k = H, the full-head kernel on this process's thread pool) unless
-    the caller installed an executor for this shape (edgert.head_split_exec.install). All stages
+    the caller installed an executor for this shape (edgert.head_split.executor.install). All stages
     of a model share one attention shape, so one executor serves every stage."""
-    from edgert import head_split_exec as hsx
     from edgert.artifact import load_manifest
+    from edgert.head_split import executor as hsx
 
     for b in bundles:
         m = load_manifest(Path(b), verify=False)
@@ -107,7 +97,7 @@ def stage_inputs(stage: TvmStage, batch: dict[str, np.ndarray], hidden) -> list:
     """The data inputs a stage's forward takes, from the batch and the previous stage's output."""
     out = []
     for meta in stage.manifest.data_inputs:
-        out.append(hidden if meta.name == "hidden"
+        out.append(hidden if meta.name == ACTIVATION
                    else np.ascontiguousarray(batch[meta.name], np.int64))
     return out
 
@@ -188,7 +178,7 @@ class LocalPipeline:
         k, n_mb = len(self.stages), len(micro)
         names = self.stage_names
         for i, st in enumerate(self.stages):       # side inputs, as the controller sends BATCH
-            side = [t.name for t in st.manifest.data_inputs if t.name != "hidden"]
+            side = [t.name for t in st.manifest.data_inputs if t.name != ACTIVATION]
             for j, b in enumerate(micro):
                 arrays = {n: np.ascontiguousarray(b[n], np.int64) for n in side}
                 self._ctl.send(names[i], Message.make(Kind.BATCH, "local", 0, step=step, stage=i,

@@ -257,7 +257,7 @@ class Loop:
         t0 = time.perf_counter()
         names = [[t.name for t in b.manifest.params] for b in self.cluster.stages]
         meta = {"run_seed": cfg.run_seed, "data": self.job.position(self.step),
-                "rng": {"dropout": "control.local.step_seed(run_seed, step, micro_batch)",
+                "rng": {"dropout": "edgert.contract.step_seed(run_seed, step, micro_batch)",
                         "data_order": "numpy default_rng([seed, epoch]).permutation",
                         "next_step": self.step + 1},
                 "plan": {"ranges": [list(r) for r in self.ranges],
@@ -283,7 +283,7 @@ class Loop:
         return res
 
     def board_events(self) -> None:
-        from edgert.head_split_exec import second_backend_heads
+        from edgert.head_split.executor import second_backend_heads
 
         c, budget = self.cluster, self.cfg.budget_mib or None
         for i, b in enumerate(c.boards):

@@ -26,7 +26,7 @@ the largest stage's memory (ties: the least bottleneck), for boards too small fo
     '0:5,5:6'
     >>> print(p.explain())  # doctest: +SKIP
 
-Memory per board is what `edgert.board.estimate_footprint` charges a loaded stage: parameters x 4
+Memory per board is what `edgert.contract.estimate_footprint` charges a loaded stage: parameters x 4
 (weights, gradients, Adam m and v) + (saved activations + forward outputs) x the micro-batches that
 1F1B keeps in flight at that position, min(K - s, n_micro) (`edgert.schedule.one_f_one_b`).
 """
@@ -58,7 +58,6 @@ __all__ = ["HOST_GFLOPS", "HOST_MEM_GBPS", "MIB", "Board", "BoardSpec", "LayerCo
            "ModelCosts", "PartitionPlan", "PlanError", "StagePlan", "bert_costs", "evaluate",
            "host_gflops", "in_flight", "plan"]
 
-Board = BoardSpec     # the old name; edgert/cli.py and bench/ use it until they are updated
 
 
 class PlanError(ConfigError):

@@ -69,7 +69,7 @@ def compile_peft_bundles(model, peft: PeftConfig, out_dir: str | Path, *, stages
 
     arch = get_arch("host", threads)
     if configs is None:
-        from compiler.tuning import board_configs
+        from compiler.kernel_tuning import board_configs
 
         configs = board_configs(arch, tuning_db)
     if seq > model.dims.max_pos:

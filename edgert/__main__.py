@@ -1,4 +1,4 @@
-"""`python -m edgert ...` = the `edgert` command."""
+"""`python -m edgert ...` = the board's commands (edgert/cli.py)."""
 import sys
 
 from edgert.cli import main

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgert.contract import TensorMeta
 from edgert.errors import ArtifactError
 
 FORMAT_VERSION = 1
@@ -27,27 +28,12 @@ STAGE_FORWARD = "stage_forward"
 STAGE_BACKWARD = "stage_backward"
 OPTIMIZER_STEP = "optimizer_step"
 ACCUMULATE = "grad_accumulate"
+# Forward-only entry of whole-model bundles: stage_loss(*data, *params) -> (loss, logits), dropout
+# off and no saved activations (compiler/stage.py; docs/fwdgrad.md "Memory").
+STAGE_LOSS = "stage_loss"
 LIB_FILE = "stage.so"
 PARAMS_FILE = "params.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-
-@dataclass(frozen=True, slots=True)
-class TensorMeta:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * {"float32": 4, "float64": 8, "int64": 8, "int32": 4}[self.dtype]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TensorMeta:
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
 
 
 @dataclass(frozen=True, slots=True)

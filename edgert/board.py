@@ -1,4 +1,5 @@
-"""The board daemon: one process per board serving protocol requests with TVM's runtime only.
+"""The board daemon (`BoardDaemon`): one process per board serving protocol requests with TVM's
+runtime only.
 
     edgert serve --name board0 --port 5555 --keys keys/ --budget-mib 2048
 
@@ -8,19 +9,8 @@ an ACT does not stop the board from answering HELLO or STATS. A handler that rai
 reply naming the request and the board keeps serving, whatever the request was (malformed frames
 and a wrong protocol version included).
 
-Requests (C = controller; every reply carries body.ref_seq = the request's seq)
-    hello                 -> hello {board, pid, protocol, caps, telemetry (PUB endpoint or None)}
-    profile               -> profile {cores, memory, rss, peak_rss, budget, runtime, modules}
-    deploy_begin/_chunk   -> nothing, or ERROR;  deploy_end -> ok {name, sha256, bytes}
-    load {bundle, stage, n_stages, n_mb, group, mode, schedule (CSV), run,
-          peers {board: endpoint}, prev, next (board names),
-          head_split_k, head_split_retune (head-split bundles: docs/head_split.md)}
-                          -> ok {footprint, in_flight, head_split}; refuses a bundle over the
-                             budget first
-    batch / act / grad    -> nothing (queued for the step that needs them)
-    step {seeds, hyper}   -> ok {step, losses, stats} when this board's timeline has run
-    state {op: get|set, what: params|optim}  -> state (tensors) / ok
-    stats                 -> stats {...};  hb -> nothing;  shutdown -> ok, then exit
+Requests and their replies, frame by frame: the table in edgert/protocol.py. LOAD refuses a
+bundle over the board's memory budget before loading it (edgert.contract.estimate_footprint).
 
 Telemetry (push). With a PUB socket bound (ZmqTransport.bind_pub; its endpoint is in the HELLO
 reply), the board publishes a STATS message every `telemetry_s` seconds and right after each
@@ -37,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -48,18 +36,20 @@ from typing import Any
 
 import numpy as np
 
-from edgert import head_split_exec as hsx
 from edgert.artifact import Manifest, load_manifest
+from edgert.contract import estimate_footprint
+from edgert.deploy import Reassembler
 from edgert.errors import BoardError, ProtocolError, ScheduleError, TransportError
 from edgert.executor import Inbox, OptimizerState, StepContext, StepPlan, StepRun, to_numpy
+from edgert.head_split import executor as hsx
 from edgert.liveness import Liveness
-from edgert.protocol import MAGIC, Kind, Message, Reassembler, error_reply
+from edgert.procinfo import loaded_modules, memory_stats
+from edgert.protocol import MAGIC, Kind, Message, error_reply
 from edgert.schedule import Action, from_csv, max_in_flight
 from edgert.transport import FrameError, Peer, Transport, peer_addresses
 
 log = logging.getLogger(__name__)
 
-WATCHED_MODULES = ("tvm", "tvm.relax", "torch", "compiler", "control", "tvm_ffi")
 MIB = 1 << 20
 
 
@@ -78,16 +68,6 @@ class BoardConfig:
     backends: tuple[str, ...] = ("cpu",)   # what the board profile asks for (edgert/backends.py)
 
 
-def estimate_footprint(m: Manifest, in_flight: int) -> dict[str, int]:
-    """Bytes a loaded stage needs: trained params x 4 (params, grads, Adam m, v) + frozen params
-    x 1 + saved activations x micro-batches in flight."""
-    params = sum(t.nbytes for t in m.params)
-    trained = sum(t.nbytes for t in m.trainable)
-    saved = sum(t.nbytes for t in m.saved) + sum(t.nbytes for t in m.outputs)
-    return {"params": params, "trained": trained, "saved_per_mb": saved, "in_flight": in_flight,
-            "total": params + 3 * trained + saved * in_flight}
-
-
 def check_budget(m: Manifest, in_flight: int, budget: int | None, where: str) -> dict[str, int]:
     """Raise BoardError with the numbers if the stage cannot fit the board's memory budget."""
     fp = estimate_footprint(m, in_flight)
@@ -101,30 +81,6 @@ def check_budget(m: Manifest, in_flight: int, budget: int | None, where: str) ->
             f"Give this board fewer layers, run fewer micro-batches in flight, or raise "
             f"--budget-mib")
     return fp
-
-
-def peak_rss() -> int:
-    """Bytes; VmHWM, because Linux carries ru_maxrss over exec (it would report the parent's)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def memory_stats() -> dict[str, int]:
-    import psutil
-
-    vm = psutil.virtual_memory()
-    return {"rss": psutil.Process().memory_info().rss, "peak_rss": peak_rss(),   # bytes
-            "mem_total": vm.total, "mem_available": vm.available}
-
-
-def loaded_modules() -> dict[str, bool]:
-    return {m: sys.modules.get(m) is not None for m in WATCHED_MODULES}
 
 
 @dataclass(slots=True)
@@ -154,7 +110,7 @@ class _Stats:
     compute_s: deque[float] = field(default_factory=lambda: deque(maxlen=50))
 
 
-class Board:
+class BoardDaemon:
     """Serves one transport until SHUTDOWN. Nothing here opens sockets; `serve()` only polls."""
 
     def __init__(self, cfg: BoardConfig, transport: Transport,

@@ -6,7 +6,8 @@ a blocking loop: `StepRun.advance(inbox)` runs actions until one needs a message
 arrived (an ACT, a GRAD or a BATCH), then returns, so the board's single event loop keeps serving
 heartbeats and requests while it waits, and a unit test can drive K boards in one thread.
 
-    F mb        inputs: "hidden" from the previous stage's ACT (RECV_F), the rest from BATCH;
+    F mb        inputs: the activation ("hidden", edgert.contract.ACTIVATION) from the previous
+                stage's ACT (RECV_F), the rest from BATCH;
                 the last stage keeps the loss
     SEND_F mb   ACT(step, mb) {"hidden"} to the next board
     B mb        dout: GRAD from the next board (RECV_B), or the loss scale 1/M on the last stage;
@@ -16,8 +17,9 @@ heartbeats and requests while it waits, and a unit test can drive K boards in on
 
 [Note: seeds and hyper-parameters come from the controller]
 The dropout seed vector of each micro-batch and AdamW's hyper vector are computed by the
-controller with control/local.py's functions and sent in the STEP request, so a distributed step
-uses the numbers of the single-process reference by construction, and the board owns no policy.
+controller (layouts and functions: edgert/contract.py, the same ones the single-process reference
+uses) and sent in the STEP request, so a distributed step uses the numbers of the single-process
+reference by construction, and the board owns no policy.
 
 [Note: weight versions on a board] (async mode, schedule.async_1f1b)
 Version v of the weights is the stage's live parameters until the STEP that makes v + 1. A STEP
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgert.contract import ACTIVATION
 from edgert.errors import ScheduleError, TransportError
 from edgert.protocol import Kind, Message
 from edgert.schedule import Action, Op, format_grid
@@ -231,23 +234,23 @@ class StepRun:
         msg = inbox.take(Kind.ACT, self.plan.step, _mb(a))
         if msg is None:
             return False
-        self._hidden[_mb(a)] = np.array(_tensor(msg, "hidden"))   # own it: frames are read-only
+        self._hidden[_mb(a)] = np.array(_tensor(msg, ACTIVATION))   # own it: frames are read-only
         return True
 
     def _forward(self, a: Action, inbox: Inbox) -> bool:
         mb, m = _mb(a), self.stage.manifest
         names = [t.name for t in m.data_inputs]
-        side = [n for n in names if n != "hidden"]
+        side = [n for n in names if n != ACTIVATION]
         batch = inbox.peek(Kind.BATCH, self.plan.step, mb) if side else None
         if side and batch is None:
             return False
-        if "hidden" in names and mb not in self._hidden:
+        if ACTIVATION in names and mb not in self._hidden:
             raise ScheduleError(f"{a} needs the previous stage's activations but no RECV_F{mb} "
                                 f"ran before it; build the schedule with add_comms")
         arrays = batch.arrays() if batch is not None else {}
         data = []
         for n in names:
-            if n == "hidden":
+            if n == ACTIVATION:
                 data.append(self._hidden.pop(mb))
             elif n in arrays:
                 data.append(np.array(arrays[n]))
@@ -274,7 +277,7 @@ class StepRun:
         msg = inbox.take(Kind.GRAD, self.plan.step, _mb(a))
         if msg is None:
             return False
-        self._dout[_mb(a)] = np.array(_tensor(msg, "hidden"))
+        self._dout[_mb(a)] = np.array(_tensor(msg, ACTIVATION))
         return True
 
     def _backward(self, a: Action, inbox: Inbox) -> bool:
@@ -328,7 +331,7 @@ class StepRun:
                                 f"request must name the neighbouring board")
         arr = np.ascontiguousarray(to_numpy(self._out.pop(_mb(a))))
         self.send(peer, Message.make(kind, self.ctx.run, 0, step=self.plan.step,
-                                     stage=self.ctx.stage, mb=_mb(a), arrays={"hidden": arr}))
+                                     stage=self.ctx.stage, mb=_mb(a), arrays={ACTIVATION: arr}))
         return True
 
     # ---- weight versions (async) ---------------------------------------------------------------

@@ -26,10 +26,6 @@ import numpy as np
 
 from edgert.errors import BoardError
 
-# Forward-only entry of whole-model bundles: stage_loss(*data, *params) -> (loss, logits), dropout
-# off and no saved activations (compiler/stage.py; docs/fwdgrad.md "Memory").
-STAGE_LOSS = "stage_loss"
-
 
 def perturbation(seed: int, n: int) -> np.ndarray:
     """The perturbation v ~ N(0, I_n) of `seed`, float32 (see [Note: perturbation from seed]).

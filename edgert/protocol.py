@@ -4,6 +4,7 @@ Only `encode` and `decode` know the frame layout. Sockets call
 `send_multipart(encode(m), copy=False)` and
 `decode([f.buffer for f in recv_multipart(copy=False)])`.
 ROUTER identity frames are added and stripped by the transport, never here. No pickle on the wire.
+Bundle uploads (DEPLOY_*) are built and checked by edgert/deploy.py.
 
 Frames (protocol EDGERT/1)
 --------------------------
@@ -13,43 +14,76 @@ Frames (protocol EDGERT/1)
                                        exactly prod(shape) * itemsize bytes
 
 Header (JSON; `encode` writes every key in this order, `decode` requires kind/run/seq):
-    {"kind": "act", "run": "r1", "seq": 7, "step": 0, "stage": 1, "mb": 2,
-     "tensors": [{"name": "x", "dtype": "float32", "shape": [4, 128, 384]}], "body": {}}
+    {"kind": "act", "run": "r1", "seq": 0, "step": 3, "stage": 1, "mb": 2,
+     "tensors": [{"name": "hidden", "dtype": "float32", "shape": [512, 384]}], "body": {}}
 
-    kind     a `Kind` value                         seq    per-sender counter, >= 0
-    run      run id; receivers drop other runs      step   optimizer step, -1 = none
-    stage    pipeline stage, -1 = none              mb     micro-batch index, -1 = none
-    tensors  one entry per tensor frame             body   small JSON object (no tensors)
+    kind     a `Kind` value                         seq    per-sender counter, >= 0 (ACT and GRAD
+    run      run id; receivers drop other runs             send 0: they are keyed by step and mb)
+    step     optimizer step, -1 = none              stage  pipeline stage, -1 = none
+    mb       micro-batch index, -1 = none           body   small JSON object (no tensors)
+    tensors  one entry per tensor frame: name, dtype, shape (edgert.contract.TensorMeta)
 
-dtypes: bool, int8, uint8, int16, uint16, int32, int64, float16, float32, float64. At most
-MAX_NDIM dimensions, each a non-negative int. Unknown header keys are rejected.
+dtypes: edgert.contract.DTYPES (bool, int8, uint8, int16, uint16, int32, int64, float16, float32,
+float64). At most MAX_NDIM dimensions, each a non-negative int. Unknown header keys are rejected.
+ACT, GRAD and BATCH need step, stage, mb >= 0; STEP needs step >= 0.
 
-Kinds (C = controller, B = board; s = stage)
---------------------------------------------
-    hello         B->C   body: board, pid, caps               reply: profile request or OK
-    profile       C->B   request; B->C result body: timings, memory
-    deploy_begin  C->B   body: name, total_bytes, chunk_bytes, n_chunks, sha256
-    deploy_chunk  C->B   body: name, index, offset, sha256; one uint8 tensor "data"
-    deploy_end    C->B   body: name, n_chunks, total_bytes, sha256       reply: OK or ERROR
-    load          C->B   body: bundle, stage, schedule (CSV, see schedule.py), mode ("sync"/"async")
-    act           s->s+1 forward activations of (step, mb); needs step, stage, mb >= 0
-    grad          s->s-1 gradient w.r.t. the stage input of (step, mb); needs step, stage, mb >= 0
-    batch         C->s   side inputs of (step, mb) for a stage: ids, mask, labels
-    step          C->B   apply the optimizer step `step` (sync mode); body: lr
-    loss          s->C   loss of (step, mb), tensor "loss"
-    checkpoint    C->B   save weights and optimizer state; body: path      reply: OK
-    state         both   weights/optimizer tensors in or out; body: what ("params"/"optim")
-    stats         B->C   counters and timings (STYLE's METRIC); body only
-    hb            both   heartbeat; any message counts as one (see liveness.py)
-    error         both   body: type, message, ref_seq (the seq of the message that failed)
-    ok            both   acknowledgement; body: ref_seq
-    shutdown      C->B   stop serving and exit
-    fwdgrad       C->B   forward-gradient client (edgert/fwdgrad.py); body: op ("load": bundle;
-                         "shard": tensors input_ids, attention_mask, labels; "round": names, seeds,
-                         eps, rows + the trainable tensors)   reply: OK {derivs, loss, ...}
+Kinds, frame by frame (C = controller, B = board, s = the board of stage s). Every reply body
+carries ref_seq = the request's seq; any request may get ERROR instead of its reply.
+memory = rss, peak_rss, mem_total, mem_available (bytes).
 
-A bundle file is uploaded as DEPLOY_BEGIN, DEPLOY_CHUNK x n, DEPLOY_END (`chunk_file`), and the
-board rebuilds it with a `Reassembler`, which checks order, offsets, sizes and both sha256s.
+    kind          from -> to  request: body (+ tensors)          reply: kind body (+ tensors)
+    hello         C -> B      {}                                 hello: board, pid, protocol,
+                                                                 caps {modes, loaded}, telemetry
+                                                                 (its STATS PUB endpoint or null)
+    profile       C -> B      {}                                 profile: board, cores, threads,
+                                                                 memory, budget, runtime, modules,
+                                                                 stage, backends, head_split
+    deploy_begin  C -> B      name, total_bytes, chunk_bytes,    none
+                              n_chunks, sha256
+    deploy_chunk  C -> B      name, index, offset, sha256        none
+                              + one uint8 tensor "data"
+    deploy_end    C -> B      name, total_bytes, n_chunks,       ok: name, sha256, bytes
+                              sha256
+    load          C -> B      bundle, stage, n_stages, n_mb,     ok: footprint, head_split, memory
+                              group, mode ("sync" | "async"),
+                              schedule (CSV, schedule.py), run,
+                              peers {board: endpoint}, prev,
+                              next [, head_split_k,
+                              head_split_retune]
+    batch         C -> s      header step, stage, mb; tensors:   none (queued for the step)
+                              stage s's data inputs other than
+                              the activation (int64)
+    step          C -> B      header step; seeds (one seed       ok: step, losses {mb: loss}
+                              vector per micro-batch, see        (the last stage's; else {}),
+                              contract.seed_vec), hyper (one     seconds, compute_s, wait_s,
+                              AdamW vector per STEP action,      max_versions, memory; sent when
+                              see contract.HYPER)                the board's timeline has run
+    act           s -> s+1    header step, stage = s, mb;        none
+                              tensor "hidden" (contract.ACTIVATION)
+    grad          s -> s-1    header step, stage = s, mb;        none
+                              tensor "hidden": d loss / d input of stage s
+    state         C -> B      op "get" | "set", what "params" |  get: state {what, step}
+                              "optim"; set: the tensors, named   + the tensors;
+                              as in the manifest ("m/<name>",    set: ok {what, step}
+                              "v/<name>" for optim) and step
+    stats         C -> B      {}                                 stats: board, steps, errors,
+                                                                 last_errors, step_s, compute_s,
+                                                                 queue_depth, running,
+                                                                 head_split, memory
+                  B -> PUB    the board's telemetry record (edgert/board.py), pushed every
+                              telemetry_s seconds and after each step
+    fwdgrad       C -> B      op "load" {bundle} | "shard"       ok: load {params, batch, seq};
+                              + tensors input_ids,               shard {rows}; round {derivs,
+                              attention_mask, labels | "round"   loss, seconds, evals}; each
+                              {names, seeds, eps, rows} + the    + memory (edgert/fwdgrad.py)
+                              trainable tensors
+    shutdown      C -> B      {}                                 ok: board; then the board exits
+    hb            B -> C      {}: every heartbeat_s to each client of the board's ROUTER; any
+                              message counts as one (liveness.py)
+    error         B -> C,     type, message, ref_seq (the seq of the message that failed); the
+                  B -> B      board keeps serving, and never answers an ERROR it receives
+    ok            B -> C      the "ok:" replies above: ref_seq + the fields listed; a board
+                              ignores an OK it receives
 
 Versioning: bump VERSION on any incompatible change. A peer speaking another version gets a
 ProtocolError naming both versions; anything else in frame 0 is reported as "not edgert".
@@ -58,23 +92,20 @@ A board that catches ProtocolError replies ERROR (`error_reply`) and keeps servi
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import math
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edgert.errors import ConfigError, ProtocolError
+from edgert.contract import DTYPES, TensorMeta
+from edgert.errors import ProtocolError
 
-log = logging.getLogger(__name__)
+__all__ = ["DTYPES", "MAGIC", "Header", "Kind", "Message", "TensorMeta", "decode", "encode",
+           "error_reply"]
 
 PREFIX = b"EDGERT/"
 VERSION = 1
@@ -83,18 +114,8 @@ MAGIC = PREFIX + str(VERSION).encode("ascii")   # b"EDGERT/1"
 DEFAULT_MAX_HEADER_BYTES = 256 * 1024           # bytes
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024    # bytes, per tensor frame
 DEFAULT_MAX_TENSORS = 1024
-DEFAULT_CHUNK_BYTES = 1024 * 1024               # bytes per DEPLOY_CHUNK
-DEFAULT_MAX_DEPLOY_BYTES = 2 * 1024 * 1024 * 1024   # bytes per uploaded file
 MAX_NDIM = 8
 _MAX_INT = 2**63 - 1
-
-# Wire dtypes, all little-endian: boards and hosts are little-endian, big-endian arrays are
-# converted once on send.
-DTYPES: dict[str, np.dtype[Any]] = {
-    n: np.dtype(n).newbyteorder("<")
-    for n in ("bool", "int8", "uint8", "int16", "uint16", "int32", "int64",
-              "float16", "float32", "float64")
-}
 
 Buffer = bytes | bytearray | memoryview   # zmq.Frame.buffer is a memoryview
 
@@ -112,8 +133,6 @@ class Kind(StrEnum):
     GRAD = "grad"
     BATCH = "batch"
     STEP = "step"
-    LOSS = "loss"
-    CHECKPOINT = "checkpoint"
     STATE = "state"
     STATS = "stats"
     HEARTBEAT = "hb"
@@ -128,24 +147,10 @@ _NEEDS: dict[Kind, tuple[str, ...]] = {
     Kind.ACT: ("step", "stage", "mb"),
     Kind.GRAD: ("step", "stage", "mb"),
     Kind.BATCH: ("step", "stage", "mb"),
-    Kind.LOSS: ("step", "stage", "mb"),
     Kind.STEP: ("step",),
 }
 _FIELD_HELP = {"step": "the optimizer step", "stage": "the pipeline stage", "mb": "the micro-batch"}
 _HEADER_KEYS = ("kind", "run", "seq", "step", "stage", "mb", "tensors", "body")
-
-
-@dataclass(frozen=True, slots=True)
-class TensorMeta:
-    """Name, wire dtype name and shape of one tensor frame."""
-
-    name: str
-    dtype: str                  # a key of DTYPES, e.g. "float32"
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +221,7 @@ def _as_wire(name: str, value: npt.ArrayLike) -> tuple[TensorMeta, memoryview]:
             f"{', '.join(DTYPES)}. Cast it first, e.g. arr.astype('float32')")
     arr = np.asarray(arr, dtype=DTYPES[dt], order="C")   # keeps 0-d, unlike ascontiguousarray
     buf = arr.reshape(-1).view(np.uint8).data    # (nbytes,) uint8 memoryview, same memory
-    return TensorMeta(name, dt, tuple(int(d) for d in arr.shape)), buf
+    return TensorMeta(name, tuple(int(d) for d in arr.shape), dt), buf
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
@@ -358,7 +363,7 @@ def _tensor_meta(i: int, t: Any, max_tensor_bytes: int) -> TensorMeta:
         raise ProtocolError(
             f"{where} ({name!r}).shape must be a list of at most {MAX_NDIM} non-negative "
             f"integers, got {shape!r}")
-    meta = TensorMeta(name, dtype, tuple(shape))
+    meta = TensorMeta(name, tuple(shape), dtype)
     if meta.nbytes > max_tensor_bytes:
         raise ProtocolError(
             f"{where} ({name!r}, {dtype} {tuple(shape)}) is {meta.nbytes} bytes, over "
@@ -386,206 +391,3 @@ def error_reply(run: str, seq: int, exc: BaseException, ref_seq: int = -1) -> Me
     """The ERROR a board sends for a request it could not serve (then it keeps serving)."""
     body = {"type": type(exc).__name__, "message": str(exc), "ref_seq": ref_seq}
     return Message.make(Kind.ERROR, run, seq, body=body)
-
-
-# ---- chunked deploy -----------------------------------------------------------------------------
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def chunk_file(path: Path | str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, run: str = "",
-               name: str | None = None, seq: int = 0) -> Iterator[Message]:
-    """Yield DEPLOY_BEGIN, DEPLOY_CHUNK..., DEPLOY_END for one file (seq counts up from `seq`)."""
-    if type(chunk_bytes) is not int or chunk_bytes <= 0:
-        raise ConfigError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
-    path = Path(path)
-    name = path.name if name is None else name
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-        total = f.tell()
-        n_chunks = -(-total // chunk_bytes)
-        head = {"name": name, "total_bytes": total, "n_chunks": n_chunks, "sha256": digest}
-        yield Message.make(Kind.DEPLOY_BEGIN, run, seq, body={**head, "chunk_bytes": chunk_bytes})
-        f.seek(0)
-        for index in range(n_chunks):
-            data = f.read(chunk_bytes)
-            body = {"name": name, "index": index, "offset": index * chunk_bytes,
-                    "sha256": hashlib.sha256(data).hexdigest()}
-            yield Message.make(Kind.DEPLOY_CHUNK, run, seq + 1 + index, body=body,
-                               arrays={"data": np.frombuffer(data, np.uint8)})
-    yield Message.make(Kind.DEPLOY_END, run, seq + 1 + n_chunks, body=head)
-
-
-@dataclass(frozen=True, slots=True)
-class DeployedFile:
-    """A file rebuilt from a checked chunked upload."""
-
-    name: str
-    data: bytes
-    sha256: str
-    path: Path | None = None      # the spooled file (Reassembler(spool_dir=...)); data is empty
-
-
-@dataclass(slots=True)
-class _Transfer:
-    name: str
-    total: int
-    chunk_bytes: int
-    n_chunks: int
-    sha256: str
-    next_index: int = 0
-    data: bytearray = field(default_factory=bytearray)
-    hasher: Any = field(default_factory=hashlib.sha256)
-    received: int = 0             # bytes
-    out: Any = None               # open spool file, or None (in memory)
-    path: Path | None = None
-
-
-class Reassembler:
-    """Rebuilds files from DEPLOY_* messages; any inconsistency raises ProtocolError and resets.
-
-    A new DEPLOY_BEGIN abandons an unfinished upload, so a controller can always retry from scratch.
-    """
-
-    def __init__(self, *, max_total_bytes: int = DEFAULT_MAX_DEPLOY_BYTES,
-                 spool_dir: Path | None = None) -> None:
-        self.max_total_bytes = max_total_bytes
-        # spool_dir: write each checked chunk to spool_dir/<name>.part at once, so a board never
-        # holds a whole file in memory (a 90 MB parameter file was 2-3x that in RSS).
-        self.spool_dir = spool_dir
-        self._t: _Transfer | None = None
-
-    @property
-    def in_progress(self) -> str | None:
-        """Name of the file being received, if any."""
-        return None if self._t is None else self._t.name
-
-    def feed(self, msg: Message) -> DeployedFile | None:
-        """Consume one DEPLOY_* message; returns the file once DEPLOY_END checks out."""
-        try:
-            if msg.kind is Kind.DEPLOY_BEGIN:
-                self._begin(msg.header.body)
-                return None
-            if msg.kind is Kind.DEPLOY_CHUNK:
-                self._chunk(msg)
-                return None
-            if msg.kind is Kind.DEPLOY_END:
-                return self._end(msg.header.body)
-            raise ProtocolError(
-                f"Reassembler got a {msg.kind.value} message; feed it DEPLOY_* only")
-        except ProtocolError:
-            self._drop()        # a failed upload never leaves half a file behind
-            raise
-
-    def _drop(self) -> None:
-        t, self._t = self._t, None
-        if t is not None and t.out is not None:
-            t.out.close()
-            t.path.unlink(missing_ok=True)
-
-    def _begin(self, body: Mapping[str, Any]) -> None:
-        if self._t is not None:
-            log.warning("deploy of %s abandoned by a new DEPLOY_BEGIN", self._t.name)
-            self._drop()
-        name = _safe_name(body.get("name"))
-        total = _body_int(body, "total_bytes", "deploy_begin", lo=0)
-        chunk = _body_int(body, "chunk_bytes", "deploy_begin", lo=1)
-        n_chunks = _body_int(body, "n_chunks", "deploy_begin", lo=0)
-        sha = _body_sha(body, "deploy_begin")
-        if total > self.max_total_bytes:
-            raise ProtocolError(
-                f"deploy_begin: {name} is {total} bytes, over max_total_bytes="
-                f"{self.max_total_bytes}; shrink the bundle or raise the board's limit")
-        if n_chunks != -(-total // chunk):
-            raise ProtocolError(
-                f"deploy_begin: n_chunks={n_chunks} but total_bytes={total} in chunks of {chunk} "
-                f"needs {-(-total // chunk)}; send n_chunks = ceil(total_bytes / chunk_bytes)")
-        self._t = _Transfer(name, total, chunk, n_chunks, sha)
-        if self.spool_dir is not None:
-            path = Path(self.spool_dir) / (name + ".part")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._t.path, self._t.out = path, open(path, "wb", buffering=0)  # noqa: SIM115
-
-    def _chunk(self, msg: Message) -> None:
-        t, body = self._t, msg.header.body
-        if t is None:
-            raise ProtocolError("deploy_chunk without a deploy_begin; send DEPLOY_BEGIN first")
-        if body.get("name") != t.name:
-            raise ProtocolError(
-                f"deploy_chunk for {body.get('name')!r} while {t.name!r} is being uploaded; finish "
-                f"or restart that upload")
-        index = _body_int(body, "index", "deploy_chunk", lo=0)
-        if index != t.next_index:
-            raise ProtocolError(
-                f"deploy_chunk: got chunk {index} of {t.name}, expected chunk {t.next_index}; send "
-                f"chunks in order, or restart the upload with DEPLOY_BEGIN")
-        offset = _body_int(body, "offset", "deploy_chunk", lo=0)
-        want = min(t.chunk_bytes, t.total - t.received)
-        if offset != t.received:
-            raise ProtocolError(
-                f"deploy_chunk {index} of {t.name}: offset {offset}, expected {t.received}")
-        metas = msg.header.tensors
-        if len(metas) != 1 or metas[0].name != "data" or metas[0].dtype != "uint8":
-            raise ProtocolError(f"deploy_chunk {index} must carry one uint8 tensor named 'data'")
-        data = msg.buffers[0]
-        if index >= t.n_chunks or data.nbytes != want:
-            raise ProtocolError(
-                f"deploy_chunk {index} of {t.name}: {data.nbytes} bytes, expected {want} "
-                f"(chunk_bytes={t.chunk_bytes}, total_bytes={t.total}, n_chunks={t.n_chunks})")
-        if hashlib.sha256(data).hexdigest() != _body_sha(body, "deploy_chunk"):
-            raise ProtocolError(
-                f"deploy_chunk {index} of {t.name} fails its sha256 (corrupted in transit); "
-                f"restart the upload")
-        if t.out is not None:
-            t.out.write(data)
-        else:
-            t.data += data
-        t.received += data.nbytes
-        t.hasher.update(data)
-        t.next_index += 1
-
-    def _end(self, body: Mapping[str, Any]) -> DeployedFile:
-        t = self._t
-        if t is None:
-            raise ProtocolError("deploy_end without a deploy_begin; send DEPLOY_BEGIN first")
-        if body.get("name") != t.name or t.received != t.total or t.next_index != t.n_chunks:
-            raise ProtocolError(
-                f"deploy_end for {body.get('name')!r}: got {t.next_index}/{t.n_chunks} chunks, "
-                f"{t.received}/{t.total} bytes of {t.name!r}; resend the missing chunks")
-        got = t.hasher.hexdigest()
-        end_sha = _body_sha(body, "deploy_end")
-        if got != t.sha256 or end_sha != t.sha256:
-            raise ProtocolError(
-                f"deploy_end: {t.name} has sha256 {got[:12]}..., deploy_begin announced "
-                f"{t.sha256[:12]}... and deploy_end {end_sha[:12]}...; the file changed during the "
-                f"upload or was corrupted: upload it again")
-        self._t = None
-        if t.out is not None:
-            t.out.close()
-            return DeployedFile(t.name, b"", got, t.path)
-        return DeployedFile(t.name, bytes(t.data), got)
-
-
-def _body_int(body: Mapping[str, Any], key: str, kind: str, lo: int) -> int:
-    v = body.get(key)
-    if type(v) is not int or not lo <= v <= _MAX_INT:
-        raise ProtocolError(f"{kind} body field {key!r} must be an integer >= {lo}, got {v!r}")
-    return v
-
-
-def _body_sha(body: Mapping[str, Any], kind: str) -> str:
-    v = body.get("sha256")
-    if not isinstance(v, str) or not _SHA256.fullmatch(v):
-        raise ProtocolError(
-            f"{kind} body field 'sha256' must be 64 lowercase hex digits, got {v!r}")
-    return v
-
-
-def _safe_name(v: Any) -> str:
-    """A relative POSIX path inside the bundle directory: no '..', no absolute path."""
-    if (not isinstance(v, str) or not v or v.startswith("/") or "\\" in v or "\0" in v
-            or any(p in ("", ".", "..") for p in v.split("/"))):
-        raise ProtocolError(
-            f"deploy_begin body field 'name' must be a relative path inside the bundle (no '..', "
-            f"no leading '/'), got {v!r}")
-    return v

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgert.artifact import LIB_FILE, PARAMS_FILE, Manifest, load_manifest
+from edgert.artifact import (
+    ACCUMULATE, LIB_FILE, OPTIMIZER_STEP, PARAMS_FILE, STAGE_BACKWARD, STAGE_FORWARD, STAGE_LOSS,
+    Manifest, load_manifest,
+)
 from edgert.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -220,25 +223,25 @@ class TvmStage:
         m = self.manifest
         self.forward_check(data)
         args = [to_dev(a) if isinstance(a, np.ndarray) else a for a in data]
-        r = self._fns["stage_forward"](*args, to_dev(seed), *self.params)
+        r = self._fns[STAGE_FORWARD](*args, to_dev(seed), *self.params)
         n_out = len(m.outputs)
         return list(r[:n_out]), list(r[n_out:])
 
     def loss(self, data: list) -> tuple:
         """(loss, logits) of a whole-model bundle with dropout off, through its forward-only
         `stage_loss` entry (no saved activations); bundles without it use stage_forward."""
-        if "stage_loss" not in self._fns:
+        if STAGE_LOSS not in self._fns:
             outs, _ = self.forward(data, np.array([1, 0], np.int64))
             return outs[0], outs[1]
         self.forward_check(data)
-        r = self._fns["stage_loss"](*[to_dev(a) for a in data], *self.params)
+        r = self._fns[STAGE_LOSS](*[to_dev(a) for a in data], *self.params)
         return r[0], r[1]
 
     def backward(self, saved: list, dout, seed: np.ndarray):
         """Returns (dinput or None, grads)."""
         if isinstance(dout, np.ndarray):
             dout = to_dev(dout)
-        r = self._fns["stage_backward"](*saved, dout, to_dev(seed), *self.params)
+        r = self._fns[STAGE_BACKWARD](*saved, dout, to_dev(seed), *self.params)
         r = list(r)
         if self.manifest.is_first:
             return None, r
@@ -249,12 +252,13 @@ class TvmStage:
         return [to_dev(np.zeros(t.shape, t.dtype)) for t in self.manifest.trainable]
 
     def accumulate(self, acc: list, grads: list) -> list:
-        return list(self._fns["grad_accumulate"](*acc, *grads))
+        return list(self._fns[ACCUMULATE](*acc, *grads))
 
     def optimizer_step(self, grads: list, m: list, v: list, hyper: np.ndarray) -> None:
         """AdamW in place on the trained params, m and v (frozen params are never touched)."""
         trained = [self.params[i] for i in self._train_idx]
-        self._fns["optimizer_step"](*trained, *grads, *m, *v, to_dev(hyper.astype(self.manifest.dtype)))
+        h = to_dev(hyper.astype(self.manifest.dtype))   # edgert.contract.HYPER, in the stage dtype
+        self._fns[OPTIMIZER_STEP](*trained, *grads, *m, *v, h)
 
     def params_numpy(self) -> dict[str, np.ndarray]:
         return {t.name: to_np(p).copy() for t, p in zip(self.manifest.params, self.params, strict=True)}

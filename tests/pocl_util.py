@@ -1,6 +1,6 @@
 """PoCL helpers shared by the OpenCL tests: a PoCL context, and running TVM-generated kernels.
 
-`run_pocl` launches every kernel of one dlight-scheduled PrimFunc (compiler.inspect.GpuKernel) in
+`run_pocl` launches every kernel of one dlight-scheduled PrimFunc (compiler.build_inspect.GpuKernel) in
 order on PoCL through pyopencl, with the launch shapes read from the scheduled TIR.
 """
 
@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from compiler import inspect as ci
+from compiler import build_inspect as ci
 
 
 def pocl_context(tmp_dir):

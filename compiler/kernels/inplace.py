@@ -10,17 +10,17 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from compiler.arch import Arch
+from edgert.contract import HYPER
 
-# Hyper-parameter vector layout shared with the runtime (edgert.optim.adamw_hyper).
-HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "bias_correction1", "bias_correction2",
-         "grad_scale")
+_N_HYPER = len(HYPER)   # a plain int: TVMScript evaluates buffer shapes from closure values
 
 
 def build_adamw_inplace(n: int, *, dtype: str = "float32", arch: Arch):
     """AdamW (torch.optim.AdamW semantics) on flat tensors, in place.
 
     Buffers: param [n], grad [n], m [n], v [n], hyper [8] -> param, m, v updated in place
-    (`call_tir_inplace` indices 0, 2, 3). hyper = HYPER above; grad is multiplied by grad_scale first.
+    (`call_tir_inplace` indices 0, 2, 3). hyper: edgert.contract.HYPER; grad is multiplied by
+    grad_scale first.
     """
     L = arch.lanes(dtype)
     nv = n // L
@@ -28,7 +28,7 @@ def build_adamw_inplace(n: int, *, dtype: str = "float32", arch: Arch):
 
     @T.prim_func(private=True)
     def adamw(p: T.Buffer((n,), dtype), g: T.Buffer((n,), dtype), m: T.Buffer((n,), dtype),
-              v: T.Buffer((n,), dtype), h: T.Buffer((8,), dtype)):
+              v: T.Buffer((n,), dtype), h: T.Buffer((_N_HYPER,), dtype)):
         T.func_attr({"tirx.noalias": True})
         # No `let` inside the vectorised loop: TVM 0.27's vectoriser broadcasts lane 0 of a scalar let.
         for i0 in T.parallel(nv):

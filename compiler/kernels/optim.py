@@ -20,23 +20,15 @@ from compiler.kernels.elementwise import (
     resolve_arch,
     hand_flat,
 )
-
-HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "bias_correction1", "bias_correction2",
-         "grad_scale")
-
-
-def adamw_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                grad_scale: float = 1.0):
-    """The 8 hyper-parameters for step `step` (1-based), in kernel order."""
-    return [lr, beta1, beta2, eps, weight_decay, 1.0 - beta1 ** step, 1.0 - beta2 ** step,
-            grad_scale]
+from edgert.contract import HYPER
 
 
 def build_adamw(n: int, *, dtype: str = "float32", arch: Arch | None = None,
                 config: dict | None = None) -> tirx.PrimFunc:
     """param [n], grad [n], m [n], v [n], hyper [8] (dtype) -> param_out [n], m_out [n], v_out [n].
 
-    hyper = (lr, beta1, beta2, eps, weight_decay, 1-beta1^t, 1-beta2^t, grad_scale);
+    hyper = (lr, beta1, beta2, eps, weight_decay, 1-beta1^t, 1-beta2^t, grad_scale), laid out as
+    edgert.contract.HYPER;
     g = grad*grad_scale; p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
     p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)."""
     arch = resolve_arch(arch)
@@ -44,9 +36,9 @@ def build_adamw(n: int, *, dtype: str = "float32", arch: Arch | None = None,
     grad = te.placeholder((n,), dtype, name="grad")
     m = te.placeholder((n,), dtype, name="m")
     v = te.placeholder((n,), dtype, name="v")
-    hyper = te.placeholder((8,), dtype, name="hyper")
+    hyper = te.placeholder((len(HYPER),), dtype, name="hyper")
     one = tirx.const(1.0, dtype)
-    lr, b1, b2, eps, wd, bc1, bc2, gs = (hyper[k] for k in range(8))
+    lr, b1, b2, eps, wd, bc1, bc2, gs = (hyper[k] for k in range(len(HYPER)))
 
     def fcompute(i):
         g = grad[i] * gs

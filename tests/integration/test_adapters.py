@@ -27,7 +27,8 @@ from compiler.model_spec import StageSpec, split_qkv, stage_specs
 from compiler.peft import peft_spec
 from compiler.stage import _salt
 from control.job import load_model
-from control.local import LocalPipeline, OptimConfig, seed_vec
+from control.local import LocalPipeline, OptimConfig
+from edgert.contract import seed_vec
 from edgert.errors import ConfigError, ModelError
 from edgert.runtime import to_np
 from tests import reference_bert as ref
@@ -295,7 +296,7 @@ def test_train_peft_on_a_board_then_continue_from_the_export(tmp_path):
     (["--peft", "adapter", "--far", "0.4"], "--far and --peft"),
 ])
 def test_train_peft_flags_are_checked_before_any_work(argv, msg, capsys, tmp_path):
-    from edgert.cli import main
+    from control.cli import main
 
     assert main(["train", "--out", str(tmp_path / "x"), *argv]) == 2
     assert msg in capsys.readouterr().err

@@ -17,7 +17,7 @@ import pytest
 import tvm
 from tvm import te
 
-from compiler import inspect as ci
+from compiler import build_inspect as ci
 from control.boards import tvm_target
 from control.cluster import LocalCluster
 from edgert.profile import list_profiles, load_profile

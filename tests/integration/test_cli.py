@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from control.cli import main
 from control.data import save_batch
-from edgert.cli import main
 
 from tests import reference_bert as ref
 

@@ -19,7 +19,8 @@ import zmq
 
 from control.cluster import LocalCluster
 from control.job import compile_bundles, load_model
-from control.local import LocalPipeline, OptimConfig, seed_vec, step_seed
+from control.local import LocalPipeline, OptimConfig
+from edgert.contract import seed_vec, step_seed
 from edgert.errors import BoardError, ConfigError
 from edgert.protocol import MAGIC, Kind, Message, encode
 from edgert.transport import ZmqTransport
@@ -158,11 +159,11 @@ def test_async_2bw_equals_single_process_2bw_reference(bundles, micro_batches):
 
 def test_planner_memory_model_equals_board_estimate(bundles):
     """control/partition.py's footprint model agrees exactly with what the boards enforce
-    (edgert.board.estimate_footprint on the compiled manifests), for K = 1, 2, 3."""
+    (edgert.contract.estimate_footprint on the compiled manifests), for K = 1, 2, 3."""
     from compiler.model_spec import ModelDims
     from control.partition import BoardSpec, bert_costs, evaluate
     from edgert.artifact import load_manifest
-    from edgert.board import estimate_footprint
+    from edgert.contract import estimate_footprint
 
     for k, paths in bundles.items():
         ms = [load_manifest(p, verify=False) for p in paths]

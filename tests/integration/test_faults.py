@@ -85,7 +85,7 @@ def test_kill_9_a_board_mid_run_recovers_by_itself(tmp_path, reference):
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgert", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "control", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 

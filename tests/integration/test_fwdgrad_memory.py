@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from control.local import stage_inputs
-from edgert.fwdgrad import STAGE_LOSS
+from edgert.artifact import STAGE_LOSS
 from edgert.runtime import TvmStage
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Head-split attention on two real CPU backends (edgert/autotune, docs/head_split.md).
+"""Head-split attention on two real CPU backends (edgert/head_split, docs/head_split.md).
 
 * for every split point k in 0..H, attention fwd + bwd run as heads [0, k) + [k, H) equals the full
   kernel: ctx and probs concatenated, dqkv scattered back (in-process, and on two pinned workers)
@@ -19,9 +19,11 @@ from compiler.arch import get_arch
 from compiler.head_split import compile_split_library
 from compiler.kernels.attention import build_attention_bwd, build_attention_fwd, subset_columns
 from edgert.artifact import sha256_file
-from edgert.autotune.cache import CacheKey, SplitCache, tvm_version
-from edgert.autotune.measure import AttnShape, PinnedWorkers, kernel_name, tune_head_split
-from edgert.autotune.space import exhaustive, search_crossing, split_cost
+from edgert.contract import AttnShape, kernel_name
+from edgert.head_split.cache import CacheKey, SplitCache, tvm_version
+from edgert.head_split.space import exhaustive, search_crossing, split_cost
+from edgert.head_split.tuner import tune_head_split
+from edgert.head_split.workers import PinnedWorkers
 
 B, T, H, d, P_DROP = 2, 16, 12, 32, 0.1
 SHAPE = AttnShape(B, T, H, d)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tvm
 
-from compiler import inspect as ci
+from compiler import build_inspect as ci
 from compiler.arch import get_arch
 from compiler.kernels.attention import build_attention_bwd, build_attention_fwd, subset_columns
-from edgert.autotune.measure import kernel_name
+from edgert.contract import kernel_name
 from tests.pocl_util import pocl_context, run_pocl
 
 B, T, H, d, P_DROP, SALT = 2, 16, 12, 32, 0.1, 7

@@ -1,4 +1,4 @@
-"""The attention head split inside training stages (compiler/head_split.py, head_split_exec.py).
+"""The attention head split inside training stages (compiler/head_split.py, edgert/head_split/executor.py).
 
 A stage compiled with head_split=True calls the board's split executor for every layer's attention
 forward and backward. Checked here on the real MiniLM weights and real batches, dropout on:
@@ -26,10 +26,11 @@ from compiler.build import build_bundle
 from compiler.model_spec import StageSpec
 from control.cluster import LocalCluster
 from control.job import load_model
-from control.local import LocalPipeline, OptimConfig, seed_vec
-from edgert import head_split_exec as hsx
+from control.local import LocalPipeline, OptimConfig
 from edgert.artifact import load_manifest
+from edgert.contract import seed_vec
 from edgert.errors import BoardError, ConfigError
+from edgert.head_split import executor as hsx
 from edgert.runtime import to_np
 
 pytestmark = pytest.mark.slow
@@ -121,7 +122,7 @@ def test_split_on_a_board_process_equals_single_process(bundles, micro_batches):
 
         # a dead worker fails its step with a clear message; the board keeps serving
         board = psutil.Process(c.boards[0].proc.pid)
-        workers = [q for q in board.children() if "edgert.autotune.measure" in " ".join(
+        workers = [q for q in board.children() if "edgert.head_split.worker" in " ".join(
             q.cmdline())]
         assert len(workers) == 2
         workers[1].kill()   # (a zombie until the board reaps it: not ours to wait for)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import tvm
 
-from compiler import inspect as ci
+from compiler import build_inspect as ci
 from compiler.arch import get_arch
 from compiler.model_spec import StageSpec
 from tests.pocl_util import pocl_context, run_pocl

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from compiler import tuning
+from compiler import kernel_tuning as tuning
 from compiler.arch import get_arch
 from compiler.kernels import attention, gemm
 from compiler.model_spec import stage_specs
@@ -231,7 +231,7 @@ def test_tuned_build_uses_db_configs_and_keeps_the_numerics(model1, arch, real_b
 
 
 def test_cli_tune_short_budget(tmp_path, capsys):
-    from edgert.cli import main
+    from control.cli import main
 
     db = tmp_path / "board.json"
     rc = main(["tune", "--stages", "1", "--batch", "2", "--seq", "8", "--budget", "4",

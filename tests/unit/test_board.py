@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgert.artifact import Manifest, TensorMeta
-from edgert.board import Board, BoardConfig, check_budget
+from edgert.board import BoardConfig, BoardDaemon, check_budget
 from edgert.errors import BoardError
 from edgert.protocol import Kind, Message
 from edgert.transport import InprocHub
@@ -17,7 +17,7 @@ from edgert.transport import InprocHub
 def net(tmp_path):
     hub = InprocHub()
     ctl = hub.endpoint("ctl")
-    board = Board(BoardConfig("b0", tmp_path), hub.endpoint("b0"), clock=lambda: 0.0)
+    board = BoardDaemon(BoardConfig("b0", tmp_path), hub.endpoint("b0"), clock=lambda: 0.0)
     return SimpleNamespace(hub=hub, ctl=ctl, board=board)
 
 
@@ -42,7 +42,6 @@ def test_hello_and_profile(net):
 
 @pytest.mark.parametrize("msg,match", [
     (Message.make(Kind.STEP, "", 7, step=1, body={}), "no stage loaded"),
-    (Message.make(Kind.LOSS, "", 7, step=0, stage=0, mb=0), "does not serve loss"),
     (Message.make(Kind.LOAD, "", 7, body={"bundle": "../etc"}), "must name a deployed"),
     (Message.make(Kind.DEPLOY_CHUNK, "", 7, body={}), "without a deploy_begin"),
 ])
@@ -53,6 +52,12 @@ def test_bad_requests_get_error_replies_and_the_board_carries_on(net, msg, match
     (ok,) = _ask(net, Message.make(Kind.HELLO, "", 8))
     assert ok.kind is Kind.HELLO
     assert net.board.stats.errors == 1
+
+
+def test_the_board_serves_every_kind_of_the_protocol(net):
+    """No kind on the wire is left to the "does not serve" guard (the LOSS and CHECKPOINT kinds,
+    never sent, were removed from the protocol)."""
+    assert set(net.board._handlers) == set(Kind)
 
 
 def test_error_from_a_peer_is_not_answered(net):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from edgert.errors import ProtocolError
-from edgert.protocol import Message, Reassembler, chunk_file, decode, encode
+from edgert.deploy import Reassembler, chunk_file
+from edgert.protocol import Message, decode, encode
 
 
 def _feed(r: Reassembler, msgs: list[Message]):

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from edgert.deploy import Reassembler, chunk_file
 from edgert.errors import ConfigError, ProtocolError
 from edgert.protocol import (
     DTYPES,
@@ -17,9 +18,7 @@ from edgert.protocol import (
     Header,
     Kind,
     Message,
-    Reassembler,
     TensorMeta,
-    chunk_file,
     decode,
     encode,
     error_reply,
@@ -99,7 +98,7 @@ def test_sender_rejects_bad_dtype_and_body():
     with pytest.raises(ProtocolError, match="body is not plain JSON"):
         encode(Message.make(Kind.STATS, "r", 0, body={"t": float("nan")}))
     with pytest.raises(ProtocolError, match="1 tensors in the header but 0 buffers"):
-        Message(Header(Kind.ACT, "r", 0, tensors=(TensorMeta("x", "uint8", (1,)),)))
+        Message(Header(Kind.ACT, "r", 0, tensors=(TensorMeta("x", (1,), "uint8"),)))
 
 
 def good() -> list[bytes]:

@@ -9,7 +9,7 @@ import pytest
 
 from control.events import EventLog
 from control.telemetry import HISTORY, SILENT_INTERVALS, TelemetryState, alive, board_event, reduce
-from edgert.board import Board, BoardConfig
+from edgert.board import BoardConfig, BoardDaemon
 from edgert.errors import ProtocolError
 from edgert.protocol import Kind, Message, decode, encode
 from edgert.transport import InprocHub, InprocTransport
@@ -81,7 +81,7 @@ def test_board_pushes_one_record_per_interval(tmp_path: Path):
     hub.queues["board0"] = queue.SimpleQueue()
     t = _PubInproc("board0", hub)
     now = [100.0]
-    board = Board(BoardConfig("board0", tmp_path, telemetry_s=0.5, budget_bytes=64 * MIB), t,
+    board = BoardDaemon(BoardConfig("board0", tmp_path, telemetry_s=0.5, budget_bytes=64 * MIB), t,
                   clock=lambda: now[0])
     for k in range(21):                                    # board time 100 .. 105 s, every 0.25 s
         now[0] = 100.0 + 0.25 * k

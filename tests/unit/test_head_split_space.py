@@ -1,4 +1,4 @@
-"""edgert/autotune space + cache: binary search vs exhaustive on synthetic cost curves, selection
+"""edgert/head_split space + cache: binary search vs exhaustive on synthetic cost curves, selection
 determinism, and the versioned cache (round trip, key invalidation, persistence across restart)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from edgert.autotune.cache import CACHE_VERSION, CacheKey, SplitCache
-from edgert.autotune.measure import tune_head_split
-from edgert.autotune.space import (HeadSplit, candidates, exhaustive, search_crossing, select,
-                                   split_cost)
 from edgert.errors import ConfigError
+from edgert.head_split.cache import CACHE_VERSION, CacheKey, SplitCache
+from edgert.head_split.space import (HeadSplit, candidates, exhaustive, search_crossing, select,
+                                     split_cost)
+from edgert.head_split.tuner import tune_head_split
 
 
 def _noisy(f, seed, amp=0.03):

@@ -1,7 +1,7 @@
 """A training stage's attention layers split across the board's two CPU backends (board side).
 
 A stage compiled with `head_split=True` (compiler/head_split.py) calls two global packed functions
-instead of its own attention kernels:
+instead of its own attention kernels (names and arguments: edgert/contract.py):
 
     edgert.attn.fwd(qkv, maskf, seed, meta, ctx_out, probs_out)
     edgert.attn.bwd(qkv, probs, dctx, seed, meta, dqkv_out)
@@ -15,9 +15,10 @@ probabilities to the VM, which keeps them with the micro-batch's other activatio
 interleaves micro-batches) and hands them to the backward.
 
 The board tunes k when it loads such a stage (`SplitExecutor.tune`: the tuner of
-edgert/autotune over measured costs, cached by board, bundle, TVM version and shape; reused on
-restart, re-measured with LOAD body `head_split_retune: true`); LOAD body `head_split_k: K` forces
-a split point instead. The choice is in the LOAD reply, PROFILE, STATS and telemetry.
+edgert/head_split/tuner.py over measured costs, cached by board, bundle, TVM version and shape;
+reused on restart, re-measured with LOAD body `head_split_retune: true`); LOAD body
+`head_split_k: K` forces a split point instead. The choice is in the LOAD reply, PROFILE, STATS
+and telemetry.
 
 [Note: salt folding]
 Dropout masks are a counter hash h(index, seed, salt) with the salt compiled into each kernel
@@ -44,16 +45,15 @@ from typing import Any
 
 import numpy as np
 
-from edgert.autotune.cache import CacheKey, SplitCache, tvm_version
-from edgert.autotune.measure import AttnShape, PinnedWorkers, TuneResult, kernel_name, time_fn
-from edgert.autotune.measure import tune_head_split
+from edgert.contract import BWD_FUNC, FWD_FUNC, LIB_SALT, SPLIT_LIB, AttnShape, kernel_name
 from edgert.errors import BoardError, ConfigError
+from edgert.head_split.cache import CacheKey, SplitCache, tvm_version
+from edgert.head_split.timing import time_fn
+from edgert.head_split.tuner import TuneResult, tune_head_split
+from edgert.head_split.workers import PinnedWorkers
 
 log = logging.getLogger(__name__)
 
-SPLIT_LIB = "attn_split.so"            # bundle file: head-subset kernels of every k, salt LIB_SALT
-FWD_FUNC, BWD_FUNC = "edgert.attn.fwd", "edgert.attn.bwd"
-LIB_SALT = 0
 BACKENDS = ("cpu0", "cpu1")            # worker processes pinned to cores 0 and 1
 _M32, _A, _C, _D = 0xFFFFFFFF, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F   # see hash_u32
 _A_INV = pow(_A, -1, 1 << 32)
@@ -245,8 +245,9 @@ class SplitExecutor:
 
     def tune(self, *, board: str, source_hash: str, cache: SplitCache | None = None,
              retune: bool = False, reps: int = 7) -> TuneResult:
-        """Choose k on this board (edgert/autotune): cost of n heads = the worker's part, or the
-        in-process unsplit layer for n = H; copy(k) = two dispatches + this process's copies."""
+        """Choose k on this board (edgert/head_split/tuner.py): cost of n heads = the worker's part,
+        or the in-process unsplit layer for n = H; copy(k) = two dispatches + this process's
+        copies."""
         s = self.shape
         key = CacheKey(board, BACKENDS, source_hash, tvm_version(),
                        f"attn_stage B{s.B} T{s.T} H{s.H} d{s.d} {s.dtype} p{self.dropout}")

@@ -1,4 +1,4 @@
-"""Pure parts of the in-stage head split (edgert/head_split_exec.py): LOAD options, salt folding."""
+"""Pure parts of the in-stage head split (edgert/head_split/executor.py): LOAD options, salt folding."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgert import head_split_exec as hsx
 from edgert.errors import BoardError
+from edgert.head_split import executor as hsx
 
 
 def _manifest(split: bool = True):
