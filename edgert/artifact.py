@@ -43,7 +43,8 @@ class TensorMeta:
         n = 1
         for s in self.shape:
             n *= s
-        return n * {"float32": 4, "float64": 8, "int64": 8, "int32": 4}[self.dtype]
+        return n * {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "float16": 2, "uint8": 1,
+                    "int8": 1}[self.dtype]
 
     @classmethod
     def from_dict(cls, d: dict) -> TensorMeta:
@@ -71,6 +72,9 @@ class Manifest:
     kernels: int = 0
     compile_seconds: float = 0.0
     format_version: int = FORMAT_VERSION
+    # params stored as GGUF blocks (uint8): name -> {"format": "q8_0"|"q4_1", "shape": logical
+    # float shape, "rel_error": quantization error or None}; see docs/quant.md
+    quantized: dict[str, Any] = field(default_factory=dict)
 
     @property
     def index(self) -> int:
