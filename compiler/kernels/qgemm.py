@@ -294,7 +294,7 @@ def _cpu(M, N, K, fmt, trans_b, batch, dtype, arch, config, A, W, ins, epi):
     sch.decompose_reduction(blk, kx)
     pb = sch.get_sblock("Bp")
     sch.compute_at(pb, task)
-    _schedule_dequant(sch, pb, trans_b, L)
+    _schedule_dequant(sch, pb, trans_b, L, nc, kc)
     for t in tabs:
         sch.compute_at(sch.get_sblock(t.op.name), task)
     if ks > 1:
@@ -302,10 +302,13 @@ def _cpu(M, N, K, fmt, trans_b, batch, dtype, arch, config, A, W, ins, epi):
     return sch.mod["main"].with_attr("global_symbol", "main")
 
 
-def _schedule_dequant(sch, pb, trans_b: bool, L: int) -> None:
+def _schedule_dequant(sch, pb, trans_b: bool, L: int, nc: int, kc: int) -> None:
     """The per-task dequantization into Bp[p, kk, r]: vectorised along W's rows (the blocks),
     `L` consecutive weights of one block per vector (L divides 32, so one scale per vector)."""
-    *p, k, r = sch.get_loops(pb)[1:]   # below the task loop; p is elided when nc = 1
+    lps = sch.get_loops(pb)[1:]      # below the task loop; unit loops (nc or kc = 1) are elided
+    r = lps[-1]
+    k = lps[-2] if kc > 1 else None
+    p = [lps[-3 if kc > 1 else -2]] if nc > 1 else []
     if trans_b:   # weight (n = p*NR + r, k): blocks along k -> vectorise k, scatter into Bp
         kb, kv, kl = sch.split(k, [None, QK // L, L])
         sch.reorder(*p, r, kb, kv, kl)
