@@ -17,9 +17,9 @@ each task dequantizes one chunk of its panels, the chunk partial sums go to a sm
 [ks, M, N] and a second loop adds them (and applies the epilogue).
 
 Dequantization is exact and the same arithmetic as compiler/gguf.py's numpy decoders: the fp16
-scale/min are decoded with integer operations (normal, subnormal and zero; no fp16 hardware or
-OpenCL extension needed), and ``q * d (+ m)`` is one float32 rounding (q * d is exact), so the
-kernel computes with exactly the weights ``gguf.dequantize`` returns.
+scale/min are decoded with integer operations (`f16_to_f32`: normal, subnormal and zero; no fp16
+hardware or OpenCL extension needed), and ``q * d (+ m)`` is one float32 rounding (q * d is
+exact), so the kernel computes with exactly the weights ``gguf.dequantize`` returns.
 
 On GPU arches the plain TE compute (dequantization inline in the reduction, no intermediate
 tensor) is returned unscheduled for dlight.
@@ -51,17 +51,18 @@ def _u32(v: int) -> tirx.PrimExpr:
 
 
 def f16_to_f32(lo: tirx.PrimExpr, hi: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The float32 value of the IEEE fp16 with bytes (lo, hi), by integer operations (exact)."""
+    """The float32 value of the fp16 with bytes (lo, hi), by integer operations, branch-free.
+
+    Exact for every finite fp16 (normal: rebias the exponent by 112 = 127 - 15; subnormal and
+    zero: mantissa * 2^-24), so no fp16 hardware, OpenCL extension or denormal support is
+    needed. Inf/NaN (which a quantizer never writes for finite weights) are not decoded."""
     h = tirx.Cast("uint32", lo) | tirx.shift_left(tirx.Cast("uint32", hi), _u32(8))
-    sign = tirx.shift_left(tirx.shift_right(h, _u32(15)), _u32(31))
-    e = tirx.shift_right(h, _u32(10)) & _u32(31)
-    mant = h & _u32(1023)
-    e32 = tirx.Select(e == _u32(31), _u32(255), e + _u32(112))     # inf/nan keep their class
-    normal = tirx.reinterpret("float32", sign | tirx.shift_left(e32, _u32(23))
-                              | tirx.shift_left(mant, _u32(13)))
-    sub = tirx.Cast("float32", mant) * tirx.const(2.0 ** -24, "float32")   # exact
-    sub = tirx.Select(sign != _u32(0), -sub, sub)
-    return tirx.Select(e == _u32(0), sub, normal)
+    em = h & _u32(0x7FFF)
+    normal = tirx.reinterpret("float32", tirx.shift_left(em, _u32(13)) + _u32(112 << 23))
+    sub = tirx.Cast("float32", tirx.Cast("int32", em)) * tirx.const(2.0 ** -24, "float32")
+    mag = tirx.Select(em < _u32(0x400), sub, normal)
+    sign = tirx.shift_left(h & _u32(0x8000), _u32(16))
+    return tirx.reinterpret("float32", tirx.reinterpret("uint32", mag) | sign)
 
 
 def gpu_aliases(fmt: str) -> int:
