@@ -285,3 +285,45 @@ def test_smollm2_lora_q4_1_k2_equals_k1(smol, smol_lora):
     worst = max(_rel(g2[k], g1[k]) for k in g1)
     print(f"\nSmolLM2 K=2 vs K=1: worst relative gradient difference {worst:.1e}")
     assert worst < 1e-5
+
+
+# ---- arm64: the quantized stage cross-compiled, run by the emulated board's runtime -------------
+def test_bert_lora_q8_0_arm64_stage_under_qemu(bert, bert_lora, build_root, real_batch):
+    """The LoRA-on-Q8_0 stage built for arm64 (NEON) and run under qemu-aarch64 with TVM's aarch64
+    runtime gives the x86 bundle's loss and gradients (1e-5 relative: FMA contraction and NEON
+    reduction order differ)."""
+    import shutil
+    import subprocess
+
+    from compiler import inspect as ci
+    from control.boards import arm64_rootfs, qemu_command
+
+    arm = get_arch("arm64", threads=1)
+    if not shutil.which(arm.cross_cc) or shutil.which("qemu-aarch64-static") is None:
+        pytest.skip("needs the aarch64 cross toolchain and qemu-user-static (scripts/setup.sh)")
+    k1, _, w = bert_lora
+    (spec,) = stage_specs([(0, L)], B, T)
+    spec = Q.with_base_dtype(peft_spec(spec, bert.dims, "lora", rank=RANK, alpha=ALPHA), "q8_0")
+    d = build_root / "q8_lora_arm64" / "stage0"
+    build_bundle(d, bert.dims, spec, arm, w, bert.model_id, bert.sha256, configs={})
+    assert ci.elf_header(d / "stage.so")["machine"] == ci.EM_AARCH64
+    objdump = ci.find_objdump("aarch64")
+    if objdump is not None:   # the quantized GEMMs' micro-kernels are NEON FMAs
+        vec = ci.count_instructions(ci.disassemble(d / "stage.so", objdump), r"^fmla\tv\d+\.4s")
+        q = {s: n for s, n in vec.items() if "_qgemm" in s}
+        assert q and all(n >= 4 for n in q.values()), q
+    batch = real_batch(B, T, offset=24)
+    np.savez(build_root / "q8_lora_arm64" / "batch.npz", **batch)
+    out = build_root / "q8_lora_arm64" / "out.npz"
+    cmd = qemu_command(arm64_rootfs(), ["python", "-m", "tests.kernel_runner", "--stage", str(d),
+                                        str(build_root / "q8_lora_arm64" / "batch.npz"),
+                                        str(out)])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    loss, (grads,) = LocalPipeline(k1).grads(batch)
+    assert float(got["loss"][0]) == pytest.approx(loss, rel=1e-5)
+    worst = max(_rel(got[f"grad/{k}"], g) for k, g in grads.items())
+    print(f"\narm64 (qemu) vs x86 quantized stage: loss {float(got['loss'][0]):.6f} vs "
+          f"{loss:.6f}, worst gradient difference {worst:.1e}")
+    assert worst < 1e-5
