@@ -28,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # before importing tvm
 
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
+import numpy as np
+import tvm
 
-from compiler import quant as Q  # noqa: E402
-from compiler.arch import get_arch  # noqa: E402
-from compiler.kernels.gemm import build_gemm  # noqa: E402
-from compiler.kernels.qgemm import build_qgemm  # noqa: E402
+from compiler import quant as Q
+from compiler.arch import get_arch
+from compiler.kernels.gemm import build_gemm
+from compiler.kernels.qgemm import build_qgemm
 
 #  name                 N      K   trans_b  bias  epilogue   formats   (M = rows)
 SHAPES = [

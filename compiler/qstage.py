@@ -46,7 +46,7 @@ def route(E, builder, args: list, bargs: tuple, kw: dict):
     if not q:
         return builder, args, bargs, kw
     if builder is gemm.build_gemm and q == [1] and not kw.get("trans_a"):
-        M, N, K = bargs
+        _, N, K = bargs
         trans_b = bool(kw.get("trans_b"))
         fmt = format_of_row(_cols(args[1]), K if trans_b else N)
         new_kw = {k: v for k, v in kw.items() if k not in ("config", "trans_a")}

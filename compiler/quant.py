@@ -40,7 +40,7 @@ QK = 32                                   # weights per block
 BLOCK_BYTES = {"q8_0": 34, "q4_1": 20}    # bytes per block
 GGUF_NAMES = {"q8_0": "Q8_0", "q4_1": "Q4_1"}
 BASE_DTYPES = ("f32", "q8_0", "q4_1")
-EMBED_FORMAT = "q8_0"                     # token embeddings / LM head (see [Note: what is quantized])
+EMBED_FORMAT = "q8_0"   # token embeddings / LM head (See [Note: what is quantized])
 
 
 def check_base_dtype(base_dtype: str) -> str:
@@ -289,3 +289,18 @@ def bundle_params(spec, dims, names, params, dtype: str):
             report[n] = {"format": fmt, "shape": [int(s) for s in shape], "rel_error": err}
         arrays[n] = a
     return arrays, metas, report
+
+
+def stage_param_bytes(spec, dims) -> dict[str, int]:
+    """Parameter memory of a stage: ``stored`` (as the bundle holds it, blocks for the quantized
+    tensors), ``float32`` (the same stage with a float32 base) and ``trainable`` (float32; each
+    also has a gradient and two AdamW moments). For planners and board budgets (docs/quant.md)."""
+    fmts = stage_formats(spec, dims)
+    frozen = set(spec.frozen)
+    stored = f32 = trained = 0
+    for n, s in _params_of(spec, dims):
+        full = 4 * int(np.prod(s))
+        f32 += full
+        stored += int(np.prod(stored_shape(s, fmts[n]))) if n in fmts else full
+        trained += 0 if n in frozen else full
+    return {"stored": stored, "float32": f32, "trainable": trained}

@@ -3,7 +3,8 @@
 ``C[..., m, n] = epilogue(sum_k A[..., m, k] * B[..., k, n] (+ bias[n]))`` where B comes from a
 weight W stored as its raw GGUF blocks (compiler/quant.py), 32 weights of a row per block:
 
-* ``trans_b=True`` (forward, ``Y = X W^T``): W [N, K] stored uint8 [N, K/32 * bytes], B[k, n] = W[n, k]
+* ``trans_b=True`` (forward, ``Y = X W^T``): W [N, K] stored uint8 [N, K/32 * bytes],
+  B[k, n] = W[n, k]
 * ``trans_b=False`` (data gradient, ``dX = dY W``): W [K, N] stored uint8 [K, N/32 * bytes]
 
 [Note: dequantize in the tile] On CPUs the schedule is compiler/kernels/gemm.py's (register tile of
@@ -254,7 +255,8 @@ def _cpu(M, N, K, fmt, trans_b, batch, dtype, arch, config, A, W, ins, epi):
         return dequant(_loader([W], bi), row, col, fmt, dtype, scales=(sc[0], sc[1]))
 
     Bp = te.compute((*batch, ks, npan, kc, NR),
-                    lambda *i: b_tab(i[:nb], i[nb] * kc + i[nb + 2], cn(i[nb + 1] * NR + i[nb + 3])),
+                    lambda *i: b_tab(i[:nb], i[nb] * kc + i[nb + 2],
+                                     cn(i[nb + 1] * NR + i[nb + 3])),
                     name="Bp")
     kk = te.reduce_axis((0, kc), "kk")
     part = te.compute(

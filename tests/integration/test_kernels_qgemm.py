@@ -297,11 +297,11 @@ def test_arm64_kernels_match_reference_under_qemu(arm64_libs):
     root = arm64_rootfs()
     cmd = qemu_command(root, ["python", "-m", "tests.kernel_runner", str(d / "cases.npz"),
                               str(d / "out.npz"), *libs])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     got, cases = np.load(d / "out.npz"), np.load(d / "cases.npz")
     errs = [check(got[str(i)], cases[f"{i}/ref"]) for i in range(len(libs))]
-    print(f"\narm64 under qemu: relative errors {['%.1e' % e for e in errs]}")
+    print(f"\narm64 under qemu: relative errors {[f'{e:.1e}' for e in errs]}")
 
 
 # ---- OpenCL (Mali / Adreno) through dlight, run on PoCL ------------------------------------------

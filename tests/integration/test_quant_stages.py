@@ -76,9 +76,9 @@ def bert_lora(bert, build_root):
     spec = peft_spec(spec, bert.dims, "lora", rank=RANK, alpha=ALPHA)
     w = {**bert.weights, **lora_init(bert.dims, spec, seed=1)}
     rng = np.random.default_rng(2)
-    for k in w:
+    for k, v in w.items():
         if k.endswith("lora_B"):
-            w[k] = (0.05 * rng.standard_normal(w[k].shape)).astype(np.float32)
+            w[k] = (0.05 * rng.standard_normal(v.shape)).astype(np.float32)
     k1 = _bert_bundles(bert, build_root, "q8_lora_k1", [(0, L)], "lora", "q8_0", w, rank=RANK,
                        alpha=ALPHA)
     k2 = _bert_bundles(bert, build_root, "q8_lora_k2", [(0, 1), (1, L)], "lora", "q8_0", w,
@@ -209,7 +209,7 @@ def smol_lora(smol, build_root):
     from compiler.llama import LORA_B, DecoderSpec
     from compiler.peft import decoder_lora_init
 
-    cfg, blocks, floats, _ = smol
+    cfg, blocks, _, _ = smol
     lora = decoder_lora_init(cfg, DecoderSpec(0, N_LAYERS, N_LAYERS, B, T, lora_rank=RANK),
                              seed=1)
     rng = np.random.default_rng(2)
@@ -224,7 +224,7 @@ def smol_lora(smol, build_root):
 def test_smollm2_blocks_are_the_files_own(smol, smol_lora):
     from safetensors.numpy import load_file
 
-    cfg, blocks, floats, _ = smol
+    _, blocks, floats, _ = smol
     k1, _, _ = smol_lora
     m = load_manifest(k1[0])
     fmts = {n: q["format"] for n, q in m.quantized.items()}
@@ -318,7 +318,7 @@ def test_bert_lora_q8_0_arm64_stage_under_qemu(bert, bert_lora, build_root, real
     cmd = qemu_command(arm64_rootfs(), ["python", "-m", "tests.kernel_runner", "--stage", str(d),
                                         str(build_root / "q8_lora_arm64" / "batch.npz"),
                                         str(out)])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     got = np.load(out)
     loss, (grads,) = LocalPipeline(k1).grads(batch)

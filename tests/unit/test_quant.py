@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from compiler import quant as Q
+from compiler.adapters import is_adapter_trainable
 from compiler.gguf import dequantize as gguf_dequantize
 from compiler.gguf import unpermute_rope
-from compiler.adapters import is_adapter_trainable
 from compiler.model_spec import ModelDims, StageSpec, stage_params
 from edgert.errors import ConfigError, ModelError
 
@@ -167,8 +167,19 @@ def test_decoder_stage_formats():
         "mlp.down_proj.weight")} == {"q4_1"}
     assert not any("norm" in n or "lora" in n for n in fm)
     metas = {n: (s, d) for n, s, d in Q.stored_params(last, cfg)}
-    assert metas["mlp.down_proj.weight".join(["model.layers.1.", ""])] == ((64, 96 // 32 * 20),
-                                                                         "uint8")
+    assert metas["model.layers.1.mlp.down_proj.weight"] == ((64, 96 // 32 * 20), "uint8")
+
+
+def test_stage_param_bytes():
+    sp = _spec("lora", "q4_1", lora_rank=2, lora_alpha=4.0)
+    b = Q.stage_param_bytes(sp, DIMS)
+    f = Q.stage_param_bytes(dataclasses.replace(sp, base_dtype="f32"), DIMS)
+    assert b["float32"] == f["float32"] == f["stored"] == 4 * sum(
+        int(np.prod(s)) for _, s in stage_params(sp, DIMS))
+    q = Q.stage_formats(sp, DIMS)
+    saved = sum(4 * int(np.prod(s)) - int(np.prod(Q.stored_shape(s, q[n])))
+                for n, s in stage_params(sp, DIMS) if n in q)
+    assert b["stored"] == f["float32"] - saved and b["trainable"] == f["trainable"] > 0
 
 
 def test_bundle_params():
