@@ -101,9 +101,11 @@ def dequant(load, row, col, fmt: str, dtype: str = "float32", scales=None) -> ti
     return v if dtype == "float32" else tirx.Cast(dtype, v)
 
 
-def _chunks(K: int) -> int:
-    """Reduction chunks: 1 up to _KS_MAX, else the fewest equal chunks of <= _KS_MAX."""
-    return next(c for c in range(1, K + 1) if K % c == 0 and K // c <= _KS_MAX)
+def _chunks(K: int, align: int) -> int:
+    """Reduction chunks: 1 up to _KS_MAX, else the fewest equal chunks of <= _KS_MAX weights,
+    each a multiple of `align` (whole blocks when the reduction runs along them)."""
+    return next(c for c in range(1, K + 1)
+                if K % c == 0 and (K // c) % align == 0 and (K // c <= _KS_MAX or K // c == align))
 
 
 def _panel_block(npan: int, per: int, tasks_outer: int, threads: int) -> int:
@@ -124,12 +126,12 @@ def default_config(M: int, N: int, K: int, *, trans_b: bool, arch, batch=(), fmt
     base = gemm.default_config(M, N, K, trans_b=trans_b, arch=arch, dtype=dtype)
     L = arch.lanes(dtype)
     nr = base["nr"]
-    ks = _chunks(K)
+    ks = _chunks(K, QK if trans_b else 1)
     npan = -(-N // (nr * L))
     tasks = ks
     for b in batch:
         tasks *= int(b)
-    nc = _panel_block(npan, (K // ks) * nr * L * 4, tasks, arch.threads)
+    nc = _panel_block(npan, (K // ks) * nr * L * gemm._BYTES[dtype], tasks, arch.threads)
     return {"mr": base["mr"], "nr": nr, "nc": nc, "ks": ks}
 
 
@@ -144,8 +146,8 @@ def config_space(M: int, N: int, K: int, *, trans_b: bool, arch, batch=(), fmt: 
         cap = (regs - nr - 1) // nr
         for mr in sorted({min(cap, r) for r in (4, 6, 8, 12, 14)}):
             npan = -(-N // (nr * L))
-            for nc in sorted({1, _panel_block(npan, (K // base["ks"]) * nr * L * 4, 1,
-                                              arch.threads)}):
+            per = (K // base["ks"]) * nr * L * gemm._BYTES[dtype]
+            for nc in sorted({1, _panel_block(npan, per, 1, arch.threads)}):
                 c = {"mr": mr, "nr": nr, "nc": nc, "ks": base["ks"]}
                 if c not in out:
                     out.append(c)
