@@ -133,6 +133,21 @@ def test_bert_lora_q8_0_gradients_match_float64_reference(bert, bert_lora, real_
     assert errs[worst] < 1e-4, (worst, errs[worst])
 
 
+def test_bert_forward_only_entry_equals_forward(bert_lora, real_batch):
+    """`stage_loss` (what forward-gradient clients call) runs the same quantized kernels."""
+    from control.local import stage_inputs
+    from edgert.runtime import to_np
+
+    k1, _, _ = bert_lora
+    pipe = LocalPipeline(k1)
+    batch = real_batch(B, T, offset=56)
+    loss, logits = pipe.predict(batch)
+    st = pipe.stages[0]
+    l2, lg2 = st.loss(stage_inputs(st, batch, None))
+    assert float(to_np(l2)[0]) == loss
+    assert np.array_equal(to_np(lg2), logits)
+
+
 def test_bert_lora_q8_0_k2_equals_k1(bert_lora, real_batch):
     k1, k2, _ = bert_lora
     batch = real_batch(B, T, offset=40)
