@@ -120,8 +120,8 @@ def _panel_block(npan: int, per: int, tasks_outer: int, threads: int) -> int:
     return 1
 
 
-def default_config(M: int, N: int, K: int, *, trans_b: bool, arch, batch=(), fmt: str = "q8_0",
-                   dtype: str = "float32") -> dict[str, Any]:
+def default_config(M: int, N: int, K: int, *, trans_b: bool = False, arch, batch=(),
+                   fmt: str = "q8_0", dtype: str = "float32") -> dict[str, Any]:
     """Register tile as the float GEMM's; ``ks`` reduction chunks; ``nc`` panels per task."""
     base = gemm.default_config(M, N, K, trans_b=trans_b, arch=arch, dtype=dtype)
     L = arch.lanes(dtype)
@@ -135,8 +135,8 @@ def default_config(M: int, N: int, K: int, *, trans_b: bool, arch, batch=(), fmt
     return {"mr": base["mr"], "nr": nr, "nc": nc, "ks": ks}
 
 
-def config_space(M: int, N: int, K: int, *, trans_b: bool, arch, batch=(), fmt: str = "q8_0",
-                 dtype: str = "float32") -> list[dict[str, Any]]:
+def config_space(M: int, N: int, K: int, *, trans_b: bool = False, arch, batch=(),
+                 fmt: str = "q8_0", dtype: str = "float32") -> list[dict[str, Any]]:
     """Candidates for the on-board tuner: register tiles x panels per task."""
     base = default_config(M, N, K, trans_b=trans_b, arch=arch, batch=batch, fmt=fmt, dtype=dtype)
     L = arch.lanes(dtype)
