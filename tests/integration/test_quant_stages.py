@@ -342,3 +342,24 @@ def test_bert_lora_q8_0_arm64_stage_under_qemu(bert, bert_lora, build_root, real
     print(f"\narm64 (qemu) vs x86 quantized stage: loss {float(got['loss'][0]):.6f} vs "
           f"{loss:.6f}, worst gradient difference {worst:.1e}")
     assert worst < 1e-5
+
+
+# ---- OpenCL: a quantized stage builds with every kernel on the GPU -------------------------------
+def test_quantized_stage_builds_for_opencl(bert):
+    """The LoRA-on-Q4_1 first stage (quantized embedding gather + GEMMs) through the Mali
+    pipeline: every one of our kernels, the quantized ones included, becomes an OpenCL kernel
+    (none left on the host). Their numerics on PoCL: tests/integration/test_kernels_qgemm.py."""
+    from compiler import inspect as ci
+    from compiler.stage import StageGraph
+
+    arch = get_arch("mali")
+    spec = Q.with_base_dtype(peft_spec(stage_specs([(0, 1), (1, L)], B, T)[0], bert.dims, "lora"),
+                             "q4_1")
+    g = StageGraph(bert.dims, spec, arch)
+    b = ci.compile_with_schedule(g.build(), arch)
+    src = ci.opencl_sources(b.ex)
+    kernels = ci.gpu_kernels(b.scheduled, src)
+    ours = {g.E._gv[k].name_hint: k for k in g.E.kernels}
+    quantized = [n for n, k in ours.items() if k.startswith(("qgemm.", "qembed."))]
+    assert len(quantized) >= 5, quantized            # embedding + forward / data-gradient GEMMs
+    assert not [n for n in ours if n not in kernels], "kernels left on the host"
