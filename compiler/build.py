@@ -21,6 +21,7 @@ import numpy as np
 from compiler.arch import Arch
 from compiler.compile_cache import cache_dir, compiler_hash, target_record
 from compiler.model_spec import ModelDims, StageSpec, stage_params
+from compiler.quant import bundle_params
 from edgert.artifact import (
     ACCUMULATE, LIB_FILE, MANIFEST_FILE, OPTIMIZER_STEP, PARAMS_FILE, STAGE_BACKWARD, STAGE_FORWARD,
     STAGE_LOSS, Manifest, sha256_file,
@@ -176,9 +177,8 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
     missing = [n for n, _ in names if n not in params]
     if missing:
         raise ModelError(f"stage {spec.index} needs parameters the model does not have: {missing[:4]}")
-    for n, shape in names:
-        if tuple(params[n].shape) != tuple(shape):
-            raise ModelError(f"parameter {n} has shape {params[n].shape}, the stage expects {shape}")
+    # frozen weights as GGUF blocks when spec.base_dtype asks (See [Note: quantized frozen weights])
+    arrays, metas, quantized = bundle_params(spec, dims, names, params, dtype)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)   # a half-written bundle never looks valid
     # a new file, never an overwrite: a process that has the old library loaded (dlopen maps the
     # file) would crash in its next symbol lookup if the mapped inode were rewritten
@@ -189,14 +189,13 @@ def write_bundle(out_dir: Path, *, lib: Path, info: dict, dims: ModelDims, spec:
     if split_lib is not None:
         shutil.copyfile(split_lib, out_dir / SPLIT_LIB)
         extra[SPLIT_LIB] = sha256_file(out_dir / SPLIT_LIB)
-    save_file({n: np.ascontiguousarray(params[n], dtype=dtype) for n, _ in names},
-              str(out_dir / PARAMS_FILE))
+    save_file(arrays, str(out_dir / PARAMS_FILE))
     m = Manifest(
         model_id=model_id, checkpoint_sha256=checkpoint_sha256, dims=asdict(dims), stage=asdict(spec),
         target=target_record(arch), tvm_version=tvm.__version__, compiler_hash=compiler_hash(),
         dtype=dtype, data_inputs=tuple(data), outputs=tuple(outs),
         saved=tuple(TensorMeta(n, tuple(s), d) for n, s, d in info["saved"]),
-        params=tuple(TensorMeta(n, tuple(s), dtype) for n, s in names),
+        params=tuple(TensorMeta(n, tuple(s), d) for n, s, d in metas), quantized=quantized,
         entries=(STAGE_FORWARD, STAGE_BACKWARD, OPTIMIZER_STEP, ACCUMULATE,
                  *([STAGE_LOSS] if spec.has_embeddings and spec.has_head else [])),
         files={LIB_FILE: sha256_file(out_dir / LIB_FILE), PARAMS_FILE: sha256_file(out_dir / PARAMS_FILE),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from tvm import relax
 
+from compiler import qstage
 from compiler.arch import Arch
 from compiler.kernels import causal_attention as CA
 from compiler.kernels import gemm, lm, rmsnorm, rope, swiglu
@@ -47,6 +48,7 @@ class DecoderStageGraph(StageGraph):
         self.params = stage_params(cfg, spec)
         fz = set(spec.frozen)   # See [Note: frozen params] in compiler/stage.py
         self.trainable = [p for p in self.params if p[0] not in fz]
+        self.stored = qstage.stored_types(spec, cfg)   # quantized frozen weights (uint8 blocks)
         self.bb = relax.BlockBuilder()
         self.E = Emitter(self.bb, arch, dtype, configs or {})
         self.saved_names: list[str] = []

@@ -208,8 +208,7 @@ def build_tokenizer(reader: Any) -> Any:
 
 # ---- the whole file ------------------------------------------------------------------------------
 
-def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
-    """Config, float32 weights by HF name, and tokenizer of a GGUF file (no caching)."""
+def _reader(path: str | Path) -> tuple[Any, Path]:
     try:
         from gguf import GGUFReader
     except ImportError as e:
@@ -218,22 +217,61 @@ def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any
     if not p.is_file():
         raise ModelError(f"{p}: GGUF file does not exist; {_INSTALL_HINT} for the default model.")
     try:
-        reader = GGUFReader(str(p))
+        return GGUFReader(str(p)), p
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise ModelError(f"{p}: not a readable GGUF file ({e}); re-download it.") from e
+
+
+def _unpermute(name: str, w, cfg: LlamaConfig):
+    """HF rotary layout for q_proj / k_proj rows (see [Note: rope layout]); other tensors pass."""
+    if name.endswith("q_proj.weight"):
+        return unpermute_rope(w, cfg.num_attention_heads)
+    if name.endswith("k_proj.weight"):
+        return unpermute_rope(w, cfg.num_key_value_heads)
+    return w
+
+
+def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
+    """Config, float32 weights by HF name, and tokenizer of a GGUF file (no caching)."""
+    reader, p = _reader(path)
     cfg = read_config(reader)
     params: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         name = _hf_name(t.name, str(p))
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        w = dequantize(t.data, t.tensor_type.name, shape, t.name)
-        if name.endswith("q_proj.weight"):
-            w = unpermute_rope(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_rope(w, cfg.num_key_value_heads)
-        params[name] = w
+        params[name] = _unpermute(name, dequantize(t.data, t.tensor_type.name, shape, t.name), cfg)
     check_params(cfg, params, str(p))
     return cfg, params, build_tokenizer(reader)
+
+
+def read_gguf_blocks(path: str | Path) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Config and weights of a GGUF file with its Q8_0 / Q4_1 tensors kept as their own blocks
+    (`compiler.quant.QTensor`, no dequantisation, no re-quantisation) and the others as float32.
+
+    The Q/K row permutation is undone on the blocks: a block holds 32 weights of one row, so
+    permuting rows moves whole blocks and is exact ([Note: rope layout]; tests/unit/test_quant.py
+    checks dequantize(unpermute(blocks)) == unpermute(dequantize(blocks)))."""
+    from compiler.quant import QTensor, stored_shape
+
+    reader, p = _reader(path)
+    cfg = read_config(reader)
+    params: dict[str, Any] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name, str(p))
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        fmt = t.tensor_type.name.lower()
+        if fmt in ("q8_0", "q4_1"):
+            raw = np.asarray(t.data, dtype=np.uint8)
+            if raw.size != int(np.prod(stored_shape(shape, fmt))):
+                raise ModelError(f"GGUF tensor {t.name!r}: {raw.size} bytes for a {fmt} {shape} "
+                                 "tensor; the file is corrupt or truncated; reinstall it.")
+            blocks = _unpermute(name, raw.reshape(stored_shape(shape, fmt)), cfg)
+            params[name] = QTensor(fmt, shape, np.ascontiguousarray(blocks))
+        else:
+            params[name] = _unpermute(name, dequantize(t.data, t.tensor_type.name, shape, t.name),
+                                      cfg)
+    check_params(cfg, params, str(p))
+    return cfg, params
 
 
 def _hf_name(name: str, source: str) -> str:
@@ -288,6 +326,11 @@ def load_gguf(path: str | Path | None = None, cache: bool = True) -> LlamaCheckp
     >>> Tokenizer.from_file(str(ck.tokenizer_file)).encode("Hello").ids   # doctest: +SKIP
     [19556]
     """
+    return load_llama(_cached_folder(path, cache))
+
+
+def _cached_folder(path: str | Path | None, cache: bool) -> Path:
+    """The HF folder of a GGUF file (converted on first use)."""
     src = Path(path) if path is not None else default_gguf_file()
     if not src.is_file():
         raise ModelError(f"{src}: GGUF file does not exist; {_INSTALL_HINT} for the default model.")
@@ -295,7 +338,25 @@ def load_gguf(path: str | Path | None = None, cache: bool = True) -> LlamaCheckp
     folder = root / f"{src.stem}-{_sha256(src)[:16]}-v{_CACHE_VERSION}"
     if not (folder / WEIGHTS_FILE).is_file():
         _convert(src, folder)
-    return load_llama(folder)
+    return folder
+
+
+def load_gguf_blocks(path: str | Path | None = None, cache: bool = True) -> LlamaCheckpoint:
+    """A GGUF checkpoint with its quantized tensors as their own GGUF blocks (`read_gguf_blocks`):
+    what a stage with ``base_dtype`` "q4_1" stores without re-quantisation (docs/quant.md).
+
+    ``.params`` maps HF names to `compiler.quant.QTensor` (Q8_0 / Q4_1 tensors) or float32
+    arrays; ``.path`` is the same cached HF folder as `load_gguf`'s (config, tokenizer).
+
+    Examples
+    --------
+    >>> ck = load_gguf_blocks()                                       # doctest: +SKIP
+    >>> ck.params["model.layers.0.mlp.down_proj.weight"].fmt         # doctest: +SKIP
+    'q4_1'
+    """
+    folder = _cached_folder(path, cache)
+    cfg, params = read_gguf_blocks(Path(path) if path is not None else default_gguf_file())
+    return LlamaCheckpoint(cfg, params, folder)
 
 
 def _convert(src: Path, folder: Path) -> None:

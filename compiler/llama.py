@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from compiler.quant import QTensor, cat_rows, check_base_dtype
 from edgert.contract import ACTIVATION
 from edgert.errors import ModelError
 
@@ -267,8 +268,10 @@ class DecoderSpec:
     frozen: tuple[str, ...] = ()       # inputs only: no gradient, no AdamW state
     lora_rank: int = 0                 # > 0: LoRA factors on every layer's fused QKV
     lora_alpha: float = 16.0
+    base_dtype: str = "f32"            # frozen weights as GGUF blocks: "q8_0" / "q4_1" (quant.py)
 
     def __post_init__(self) -> None:
+        check_base_dtype(self.base_dtype)
         if not 0 <= self.first < self.last <= self.num_layers:
             raise ModelError(f"decoder stage layers [{self.first}, {self.last}) are not inside "
                              f"0..{self.num_layers}; use a split like 0:10,10:20,20:30")
@@ -311,20 +314,23 @@ def stage_params(cfg: LlamaConfig, spec: DecoderSpec) -> list[tuple[str, tuple[i
 
 def stage_arrays(cfg: LlamaConfig, spec: DecoderSpec, params: Mapping[str, np.ndarray]
                  ) -> list[np.ndarray]:
-    """The stage's parameter arrays (fused, float32) from checkpoint-named `params`."""
+    """The stage's parameter arrays (fused, float32) from checkpoint-named `params`. Weights
+    given as GGUF blocks (`compiler.quant.QTensor`, e.g. from `compiler.gguf.load_gguf_blocks`)
+    stay blocks (fused exactly, row-wise); `compiler.build.write_bundle` stores them as the
+    stage's `base_dtype` asks."""
     out = []
     for name, _ in stage_params(cfg, spec):
         if name.endswith(QKV):
             p = name[: -len(QKV)] + "self_attn."
-            a = np.concatenate([params[p + f"{x}_proj.weight"] for x in "qkv"])
+            a = cat_rows([params[p + f"{x}_proj.weight"] for x in "qkv"])
         elif name.endswith(GATE_UP):
             p = name[: -len(GATE_UP)] + "mlp."
-            a = np.concatenate([params[p + "gate_proj.weight"], params[p + "up_proj.weight"]])
+            a = cat_rows([params[p + "gate_proj.weight"], params[p + "up_proj.weight"]])
         elif name == "lm_head.weight" and cfg.tie_word_embeddings:
             a = params["model.embed_tokens.weight"]
         else:
             a = params[name]
-        out.append(np.ascontiguousarray(a, dtype=np.float32))
+        out.append(a if isinstance(a, QTensor) else np.ascontiguousarray(a, dtype=np.float32))
     return out
 
 

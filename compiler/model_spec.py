@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compiler.quant import check_base_dtype
 from edgert.errors import ConfigError
 
 
@@ -72,8 +73,12 @@ class StageSpec:
     # adapter h + up(gelu(down(h))) after the attention output dense and one after the FFN output
     # dense (both after their dropout, before the residual add + LayerNorm); ADAPTER_PARAMS.
     adapter_size: int = 0
+    # Storage of the frozen weights (compiler/quant.py, docs/quant.md): "f32", or GGUF blocks
+    # "q8_0" / "q4_1" consumed by the quantized kernels; trainable tensors stay float32.
+    base_dtype: str = "f32"
 
     def __post_init__(self) -> None:
+        check_base_dtype(self.base_dtype)
         if self.adapter_size < 0:
             raise ConfigError(f"adapter_size must be >= 1 (or 0 for no adapters), got "
                               f"{self.adapter_size}; e.g. --adapter-size 16")

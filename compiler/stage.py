@@ -36,7 +36,7 @@ from tvm import relax
 from compiler.arch import Arch
 from compiler import far_ffn, head_split
 from compiler import peft
-from compiler import adapters
+from compiler import adapters, qstage
 from compiler.kernels import attention, elementwise, embed, gemm, inplace, loss, norm, optim
 from compiler.model_spec import ModelDims, StageSpec, stage_params, trainable_params
 from edgert.artifact import ACCUMULATE, OPTIMIZER_STEP, STAGE_BACKWARD, STAGE_FORWARD, STAGE_LOSS
@@ -83,6 +83,8 @@ class Emitter:
         return [self.bb.emit(relax.TupleGetItem(v, i)) for i in range(n_out)]
 
     def __call__(self, builder, args: list, *bargs, n_out: int = 1, **kw) -> list[relax.Expr]:
+        # quantized operands go to the quantized kernels (See [Note: quantized frozen weights])
+        builder, args, bargs, kw = qstage.route(self, builder, args, bargs, kw)
         return self.call(self.kernel(builder, *bargs, **kw), args, n_out)
 
     def inplace(self, builder, args: list, idx: list[int], *bargs, **kw) -> list[relax.Expr]:
@@ -114,6 +116,7 @@ class StageGraph:
         self.p_ln = 0.0 if spec.adapter_size else self.p_h
         self.params = stage_params(spec, dims)
         self.trainable = trainable_params(spec, dims)   # See [Note: frozen params]
+        self.stored = qstage.stored_types(spec, dims)    # quantized ones: uint8 GGUF blocks
         self.bb = relax.BlockBuilder()
         self.E = Emitter(self.bb, arch, dtype, configs or {})
         self.saved_names: list[str] = []
@@ -133,7 +136,8 @@ class StageGraph:
         return vs
 
     def param_vars(self, prefix: str = "", which=None) -> list[relax.Var]:
-        return [relax.Var(prefix + n.replace(".", "_"), _tt(shape, self.dtype))
+        st = self.stored
+        return [relax.Var(prefix + n.replace(".", "_"), _tt(*st.get(n, (shape, self.dtype))))
                 for n, shape in (self.params if which is None else which)]
 
     # ---- forward --------------------------------------------------------------------------

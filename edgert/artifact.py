@@ -57,6 +57,9 @@ class Manifest:
     kernels: int = 0
     compile_seconds: float = 0.0
     format_version: int = FORMAT_VERSION
+    # params stored as GGUF blocks (uint8): name -> {"format": "q8_0"|"q4_1", "shape": logical
+    # float shape, "rel_error": quantization error or None}; see docs/quant.md
+    quantized: dict[str, Any] = field(default_factory=dict)
 
     @property
     def index(self) -> int:
