@@ -21,7 +21,7 @@ import numpy as np
 from compiler.arch import Arch
 from compiler.compile_cache import cache_dir, compiler_hash, target_record
 from compiler.model_spec import ModelDims, StageSpec, stage_params
-from compiler.quant import bundle_params
+from compiler.quant_layout import bundle_params
 from edgert.artifact import (
     ACCUMULATE, LIB_FILE, MANIFEST_FILE, OPTIMIZER_STEP, PARAMS_FILE, STAGE_BACKWARD, STAGE_FORWARD,
     STAGE_LOSS, Manifest, sha256_file,

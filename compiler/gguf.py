@@ -31,9 +31,15 @@ from typing import Any
 import numpy as np
 
 from compiler.llama import (
-    CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, LlamaCheckpoint, LlamaConfig, check_params,
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    LlamaCheckpoint,
+    LlamaConfig,
+    check_params,
     load_llama,
 )
+from compiler.quant import QTensor, decode_q4_1, decode_q8_0, stored_shape
 from edgert.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -81,28 +87,6 @@ def default_gguf_file() -> Path:
 
 # ---- dequantisation (block layouts from ggml-common.h) -------------------------------------------
 
-def _f16(raw: np.ndarray) -> np.ndarray:
-    return raw.copy().view(np.float16).astype(np.float32)
-
-
-def _dq_q4_1(data: np.ndarray) -> np.ndarray:
-    """Q4_1: blocks of 32 = f16 scale d, f16 min m, 16 bytes of nibbles; x = d * q + m.
-
-    Element j < 16 is the low nibble of byte j, element j + 16 its high nibble.
-    """
-    b = data.reshape(-1, 20)
-    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    qs = b[:, 4:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)   # (nblocks, 32)
-    return q * d + m
-
-
-def _dq_q8_0(data: np.ndarray) -> np.ndarray:
-    """Q8_0: blocks of 32 = f16 scale d, 32 int8; x = d * q."""
-    b = data.reshape(-1, 34)
-    return b[:, 2:].copy().view(np.int8).astype(np.float32) * _f16(b[:, 0:2])
-
-
 def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str = "") -> np.ndarray:
     """One GGUF tensor's raw data as float32 of `shape` (numpy order, i.e. GGUF's reversed)."""
     if qtype == "F32":
@@ -112,9 +96,9 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...], name: str =
     elif qtype == "BF16":
         out = (np.asarray(data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     elif qtype == "Q4_1":
-        out = _dq_q4_1(np.asarray(data, dtype=np.uint8))
+        out = decode_q4_1(np.asarray(data, dtype=np.uint8))
     elif qtype == "Q8_0":
-        out = _dq_q8_0(np.asarray(data, dtype=np.uint8))
+        out = decode_q8_0(np.asarray(data, dtype=np.uint8))
     else:
         raise ModelError(
             f"GGUF tensor {name!r}: quantisation {qtype} is not supported (edgert reads F32, F16, "
@@ -251,7 +235,6 @@ def read_gguf_blocks(path: str | Path) -> tuple[LlamaConfig, dict[str, Any]]:
     The Q/K row permutation is undone on the blocks: a block holds 32 weights of one row, so
     permuting rows moves whole blocks and is exact ([Note: rope layout]; tests/unit/test_quant.py
     checks dequantize(unpermute(blocks)) == unpermute(dequantize(blocks)))."""
-    from compiler.quant import QTensor, stored_shape
 
     reader, p = _reader(path)
     cfg = read_config(reader)

@@ -1,7 +1,7 @@
 """Stage graphs with quantized frozen weights: parameter types and kernel routing.
 
 [Note: quantized frozen weights] A stage whose spec has ``base_dtype`` "q8_0" or "q4_1" holds the
-tensors `compiler.quant.stage_formats` names as raw GGUF blocks (uint8 [rows, cols/32 * bytes]),
+tensors `compiler.quant_layout.stage_formats` names as raw GGUF blocks (uint8 [rows, cols/32 * bytes]),
 everything else in float32 as before. The graph builders (compiler/stage.py,
 compiler/decoder_stage.py) are unchanged apart from two hooks:
 
@@ -22,7 +22,8 @@ from __future__ import annotations
 from tvm import relax
 
 from compiler.kernels import embed, gemm, lm, qembed, qgemm
-from compiler.quant import format_of_row, stored_params
+from compiler.quant import format_of_row
+from compiler.quant_layout import stored_params
 from edgert.errors import ModelError
 
 

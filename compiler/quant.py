@@ -1,7 +1,7 @@
-"""Frozen weights in GGUF block formats (Q8_0, Q4_1): numpy quantizers and which tensors a stage
-stores quantized (pure: numpy only, no TVM).
+"""Frozen weights in GGUF block formats (Q8_0, Q4_1): numpy quantizers (pure: numpy only, no TVM); which
+tensors a stage stores quantized is compiler/quant_layout.py.
 
-Block layouts (llama.cpp's ggml-common.h; decoded by compiler/gguf.py), 32 weights of one row each:
+Block layouts (llama.cpp's ggml-common.h; decoded here, for compiler/gguf.py too), 32 weights of one row each:
 
     Q8_0  34 bytes: fp16 scale d, 32 x int8 q                     w = d * q
     Q4_1  20 bytes: fp16 scale d, fp16 min m, 16 bytes of nibbles  w = d * q + m,  q in 0..15
@@ -18,18 +18,10 @@ The quantizers follow llama.cpp's reference rounding (quantize_row_q8_0_ref / _q
 
 (the quants are computed with the float32 d, then d is rounded to fp16: the reference's order).
 tests/unit/test_quant.py checks them byte for byte against the `gguf` package's implementation.
-
-[Note: what is quantized] `stage_formats(spec, dims)`: with ``spec.base_dtype`` "q8_0" or "q4_1",
-every *frozen* weight that a quantized kernel consumes is stored quantized: the dense projections
-in the base format, the (tied) token-embedding table and LM head in Q8_0 (llama.cpp's usual choice
-for embeddings in 4-bit files: SmolLM2-135M-Instruct.Q4_1.gguf has Q8_0 token_embd; a gather has
-no dot product to average rounding errors over). Norms, biases, trainable tensors, gradients and
-AdamW state stay float32. A weight whose row length is not a multiple of 32 stays float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +62,30 @@ def format_of_row(stored_cols: int, k: int) -> str:
             return fmt
     raise ModelError(f"a uint8 row of {stored_cols} bytes is neither Q8_0 nor Q4_1 blocks of "
                      f"{k} weights")
+
+
+# ---- block decoders (layouts from ggml-common.h) -------------------------------------------------
+def f16_values(raw: np.ndarray) -> np.ndarray:
+    return raw.copy().view(np.float16).astype(np.float32)
+
+
+def decode_q4_1(data: np.ndarray) -> np.ndarray:
+    """Q4_1: blocks of 32 = f16 scale d, f16 min m, 16 bytes of nibbles; x = d * q + m.
+
+    Element j < 16 is the low nibble of byte j, element j + 16 its high nibble.
+    """
+    b = data.reshape(-1, 20)
+    d, m = f16_values(b[:, 0:2]), f16_values(b[:, 2:4])
+    qs = b[:, 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)   # (nblocks, 32)
+    return q * d + m
+
+
+def decode_q8_0(data: np.ndarray) -> np.ndarray:
+    """Q8_0: blocks of 32 = f16 scale d, 32 int8; x = d * q."""
+    b = data.reshape(-1, 34)
+    return b[:, 2:].copy().view(np.int8).astype(np.float32) * f16_values(b[:, 0:2])
+
 
 
 # ---- quantizers ----------------------------------------------------------------------------------
@@ -124,15 +140,17 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
 
 
 def dequantize(blocks: np.ndarray, fmt: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """uint8 blocks -> float32 (compiler/gguf.py's decoders); `shape` defaults to the logical
-    shape implied by the stored one."""
-    from compiler.gguf import dequantize as gguf_dequantize
-
+    """uint8 blocks -> float32; `shape` defaults to the logical shape implied by the stored one."""
     blocks = np.asarray(blocks, dtype=np.uint8)
     if shape is None:
         *lead, c = blocks.shape
         shape = (*lead, logical_cols(c, fmt))
-    return gguf_dequantize(blocks.reshape(-1), GGUF_NAMES[fmt], tuple(shape))
+    if fmt not in BLOCK_BYTES:
+        raise ConfigError(f"unknown block format {fmt!r}: use one of {list(BLOCK_BYTES)}")
+    out = (decode_q8_0 if fmt == "q8_0" else decode_q4_1)(blocks.reshape(-1))
+    if out.size != int(np.prod(shape)):
+        raise ModelError(f"{out.size} {fmt} values do not fill a {tuple(shape)} tensor")
+    return np.ascontiguousarray(out.reshape(shape))
 
 
 def rel_error(x: np.ndarray, blocks: np.ndarray, fmt: str) -> float:
@@ -209,98 +227,3 @@ def to_stored(name: str, value, shape: tuple[int, ...], fmt: str | None
         raise ModelError(f"parameter {name} has shape {x.shape}, the stage expects {tuple(shape)}")
     b = quantize(x, fmt)
     return b, rel_error(x, b, fmt)
-
-
-# ---- which tensors a stage stores quantized ------------------------------------------------------
-_BERT_DENSE = ("attention.self.qkv.weight", "attention.output.dense.weight",
-               "intermediate.dense.weight", "output.dense.weight", "pooler.dense.weight")
-_BERT_EMBED = ("embeddings.word_embeddings.weight",)
-_LLAMA_DENSE = ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
-                "mlp.down_proj.weight")
-_LLAMA_EMBED = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def _params_of(spec, dims) -> list[tuple[str, tuple[int, ...]]]:
-    from compiler.llama import LlamaConfig
-
-    if isinstance(dims, LlamaConfig):
-        from compiler.llama import stage_params as dec_params
-
-        return dec_params(dims, spec)
-    from compiler.model_spec import stage_params
-
-    return stage_params(spec, dims)
-
-
-def stage_formats(spec, dims) -> dict[str, str]:
-    """Parameter name -> block format for the tensors `spec` stores quantized (see
-    [Note: what is quantized]); empty for ``base_dtype == "f32"``."""
-    base = check_base_dtype(getattr(spec, "base_dtype", "f32"))
-    if base == "f32":
-        return {}
-    from compiler.llama import LlamaConfig
-
-    dense, embed = ((_LLAMA_DENSE, _LLAMA_EMBED) if isinstance(dims, LlamaConfig)
-                    else (_BERT_DENSE, _BERT_EMBED))
-    frozen = set(spec.frozen)
-    out = {}
-    for name, shape in _params_of(spec, dims):
-        if name not in frozen or len(shape) != 2 or shape[1] % QK:
-            continue
-        if name.endswith(dense):
-            out[name] = base
-        elif name in embed:
-            out[name] = EMBED_FORMAT
-    return out
-
-
-def stored_params(spec, dims) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, stored shape, dtype) of every parameter of a stage, in stage_params order."""
-    fmts = stage_formats(spec, dims)
-    return [(n, stored_shape(s, fmts[n]), "uint8") if n in fmts else (n, s, "float32")
-            for n, s in _params_of(spec, dims)]
-
-
-def with_base_dtype(spec, base_dtype: str):
-    """`spec` (a StageSpec or DecoderSpec) with its frozen weights stored in `base_dtype`."""
-    return dataclasses.replace(spec, base_dtype=check_base_dtype(base_dtype))
-
-
-def bundle_params(spec, dims, names, params, dtype: str):
-    """The parameter file of a stage bundle: (arrays by name, (name, shape, dtype) metas, report).
-
-    `names` are the stage's (name, logical shape) pairs; `params` maps names to float arrays,
-    QTensors or stored uint8 blocks. Tensors `stage_formats` names become blocks (the report gives
-    each one's format, logical shape and relative quantization error: 0.0 for blocks kept as they
-    came, None when only bare blocks were given); all others are `dtype` arrays as before."""
-    fmts = stage_formats(spec, dims)
-    arrays, metas, report = {}, [], {}
-    for n, shape in names:
-        fmt = fmts.get(n)
-        a, err = to_stored(n, params[n], shape, fmt)
-        if fmt is None:
-            if tuple(np.shape(a)) != tuple(shape):
-                raise ModelError(f"parameter {n} has shape {np.shape(a)}, the stage expects "
-                                 f"{tuple(shape)}")
-            a = np.ascontiguousarray(a, dtype=dtype)
-            metas.append((n, tuple(shape), dtype))
-        else:
-            metas.append((n, tuple(a.shape), "uint8"))
-            report[n] = {"format": fmt, "shape": [int(s) for s in shape], "rel_error": err}
-        arrays[n] = a
-    return arrays, metas, report
-
-
-def stage_param_bytes(spec, dims) -> dict[str, int]:
-    """Parameter memory of a stage: ``stored`` (as the bundle holds it, blocks for the quantized
-    tensors), ``float32`` (the same stage with a float32 base) and ``trainable`` (float32; each
-    also has a gradient and two AdamW moments). For planners and board budgets (docs/quant.md)."""
-    fmts = stage_formats(spec, dims)
-    frozen = set(spec.frozen)
-    stored = f32 = trained = 0
-    for n, s in _params_of(spec, dims):
-        full = 4 * int(np.prod(s))
-        f32 += full
-        stored += int(np.prod(stored_shape(s, fmts[n]))) if n in fmts else full
-        trained += 0 if n in frozen else full
-    return {"stored": stored, "float32": f32, "trainable": trained}

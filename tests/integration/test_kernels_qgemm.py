@@ -327,7 +327,7 @@ def _gpu_module(f, n_alias: int):
 
 @pytest.mark.parametrize("gpu", ["mali", "adreno"])
 def test_gpu_kernels_compile_to_opencl_and_match_on_pocl(gpu, tmp_path_factory):
-    from compiler import inspect as ci
+    from compiler import build_inspect as ci
     from compiler.kernels.qgemm import gpu_aliases
     from tests.pocl_util import pocl_context, run_pocl
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from compiler import quant as Q
+from compiler import quant_layout as QL
 from compiler.arch import get_arch
 from compiler.build import build_bundle
 from compiler.model_spec import split_qkv, stage_specs
@@ -210,7 +211,7 @@ def _dec_bundles(cfg, params, root, name, split):
     for i, (a, b) in enumerate(split):
         spec = decoder_lora_spec(cfg, DecoderSpec(a, b, N_LAYERS, B, T, index=i,
                                                   num_stages=len(split)), rank=RANK, alpha=ALPHA)
-        spec = Q.with_base_dtype(spec, "q4_1")
+        spec = QL.with_base_dtype(spec, "q4_1")
         arrays = dict(zip((n for n, _ in stage_params(cfg, spec)),
                           stage_arrays(cfg, spec, params), strict=True))
         d = root / name / f"stage{i}"
@@ -310,7 +311,7 @@ def test_bert_lora_q8_0_arm64_stage_under_qemu(bert, bert_lora, build_root, real
     import shutil
     import subprocess
 
-    from compiler import inspect as ci
+    from compiler import build_inspect as ci
     from control.boards import arm64_rootfs, qemu_command
 
     arm = get_arch("arm64", threads=1)
@@ -318,7 +319,7 @@ def test_bert_lora_q8_0_arm64_stage_under_qemu(bert, bert_lora, build_root, real
         pytest.skip("needs the aarch64 cross toolchain and qemu-user-static (scripts/setup.sh)")
     k1, _, w = bert_lora
     (spec,) = stage_specs([(0, L)], B, T)
-    spec = Q.with_base_dtype(peft_spec(spec, bert.dims, "lora", rank=RANK, alpha=ALPHA), "q8_0")
+    spec = QL.with_base_dtype(peft_spec(spec, bert.dims, "lora", rank=RANK, alpha=ALPHA), "q8_0")
     d = build_root / "q8_lora_arm64" / "stage0"
     build_bundle(d, bert.dims, spec, arm, w, bert.model_id, bert.sha256, configs={})
     assert ci.elf_header(d / "stage.so")["machine"] == ci.EM_AARCH64
@@ -349,11 +350,11 @@ def test_quantized_stage_builds_for_opencl(bert):
     """The LoRA-on-Q4_1 first stage (quantized embedding gather + GEMMs) through the Mali
     pipeline: every one of our kernels, the quantized ones included, becomes an OpenCL kernel
     (none left on the host). Their numerics on PoCL: tests/integration/test_kernels_qgemm.py."""
-    from compiler import inspect as ci
+    from compiler import build_inspect as ci
     from compiler.stage import StageGraph
 
     arch = get_arch("mali")
-    spec = Q.with_base_dtype(peft_spec(stage_specs([(0, 1), (1, L)], B, T)[0], bert.dims, "lora"),
+    spec = QL.with_base_dtype(peft_spec(stage_specs([(0, 1), (1, L)], B, T)[0], bert.dims, "lora"),
                              "q4_1")
     g = StageGraph(bert.dims, spec, arch)
     b = ci.compile_with_schedule(g.build(), arch)

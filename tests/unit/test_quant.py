@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from compiler import quant as Q
+from compiler import quant_layout as QL
 from compiler.adapters import is_adapter_trainable
 from compiler.gguf import dequantize as gguf_dequantize
 from compiler.gguf import unpermute_rope
@@ -131,8 +132,8 @@ def _spec(method, base, dims=DIMS, **kw):
 
 
 def test_bert_stage_formats():
-    assert Q.stage_formats(_spec("lora", "f32", lora_rank=2, lora_alpha=4.0), DIMS) == {}
-    fm = Q.stage_formats(_spec("lora", "q4_1", lora_rank=2, lora_alpha=4.0), DIMS)
+    assert QL.stage_formats(_spec("lora", "f32", lora_rank=2, lora_alpha=4.0), DIMS) == {}
+    fm = QL.stage_formats(_spec("lora", "q4_1", lora_rank=2, lora_alpha=4.0), DIMS)
     dense = {f"encoder.layer.{i}.{n}" for i in range(2) for n in (
         "attention.self.qkv.weight", "attention.output.dense.weight",
         "intermediate.dense.weight", "output.dense.weight")}
@@ -140,14 +141,14 @@ def test_bert_stage_formats():
                   "embeddings.word_embeddings.weight": "q8_0"}
     # full fine-tuning freezes nothing: nothing is quantized; BitFit/adapters keep their
     # trainable tensors (biases, LayerNorms, adapters, head) in float32
-    assert Q.stage_formats(dataclasses.replace(StageSpec(0, 1, 0, 2, 2, 16), base_dtype="q8_0"),
+    assert QL.stage_formats(dataclasses.replace(StageSpec(0, 1, 0, 2, 2, 16), base_dtype="q8_0"),
                            DIMS) == {}
     for method, kw in (("bitfit", {}), ("adapter", {"adapter_size": 4})):
-        fm = Q.stage_formats(_spec(method, "q8_0", **kw), DIMS)
+        fm = QL.stage_formats(_spec(method, "q8_0", **kw), DIMS)
         assert set(fm) == dense | {"pooler.dense.weight", "embeddings.word_embeddings.weight"}
     odd = dataclasses.replace(DIMS, hidden=48, heads=2)       # rows of 48: not whole blocks
     sp = _spec("lora", "q8_0", odd, lora_rank=2, lora_alpha=4.0)
-    assert set(Q.stage_formats(sp, odd)) == {"encoder.layer.0.output.dense.weight",
+    assert set(QL.stage_formats(sp, odd)) == {"encoder.layer.0.output.dense.weight",
                                              "encoder.layer.1.output.dense.weight"}
 
 
@@ -158,25 +159,25 @@ def test_decoder_stage_formats():
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1)
     last = DecoderSpec(1, 2, 2, 1, 8, index=1, num_stages=2, lora_rank=2)
-    last = Q.with_base_dtype(dataclasses.replace(last, frozen=tuple(
+    last = QL.with_base_dtype(dataclasses.replace(last, frozen=tuple(
         n for n, _ in dec_params(cfg, last) if ".lora_" not in n)), "q4_1")
-    fm = Q.stage_formats(last, cfg)
+    fm = QL.stage_formats(last, cfg)
     assert fm["lm_head.weight"] == "q8_0"         # the tied head's copy on the last stage
     assert {fm[f"model.layers.1.{n}"] for n in (
         "self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
         "mlp.down_proj.weight")} == {"q4_1"}
     assert not any("norm" in n or "lora" in n for n in fm)
-    metas = {n: (s, d) for n, s, d in Q.stored_params(last, cfg)}
+    metas = {n: (s, d) for n, s, d in QL.stored_params(last, cfg)}
     assert metas["model.layers.1.mlp.down_proj.weight"] == ((64, 96 // 32 * 20), "uint8")
 
 
 def test_stage_param_bytes():
     sp = _spec("lora", "q4_1", lora_rank=2, lora_alpha=4.0)
-    b = Q.stage_param_bytes(sp, DIMS)
-    f = Q.stage_param_bytes(dataclasses.replace(sp, base_dtype="f32"), DIMS)
+    b = QL.stage_param_bytes(sp, DIMS)
+    f = QL.stage_param_bytes(dataclasses.replace(sp, base_dtype="f32"), DIMS)
     assert b["float32"] == f["float32"] == f["stored"] == 4 * sum(
         int(np.prod(s)) for _, s in stage_params(sp, DIMS))
-    q = Q.stage_formats(sp, DIMS)
+    q = QL.stage_formats(sp, DIMS)
     saved = sum(4 * int(np.prod(s)) - int(np.prod(Q.stored_shape(s, q[n])))
                 for n, s in stage_params(sp, DIMS) if n in q)
     assert b["stored"] == f["float32"] - saved and b["trainable"] == f["trainable"] > 0
@@ -196,7 +197,7 @@ def test_bundle_params():
     pool = "pooler.dense.weight"
     w4 = Q.QTensor.from_float(w[pool], "q4_1")
     w[pool] = w4
-    arrays, metas, report = Q.bundle_params(spec, DIMS, names, w, "float32")
+    arrays, metas, report = QL.bundle_params(spec, DIMS, names, w, "float32")
     assert np.array_equal(arrays[qkv], w[qkv].blocks) and report[qkv]["rel_error"] == 0.0
     assert np.array_equal(arrays[ffn], w[ffn]) and report[ffn]["rel_error"] is None
     assert report[pool]["format"] == "q8_0"
@@ -209,9 +210,9 @@ def test_bundle_params():
     meta = {n: (s, d) for n, s, d in metas}
     assert meta[o] == ((64, 4 * 34), "uint8") and meta[ln] == ((64,), "float32")
     with pytest.raises(ModelError, match="uint8 blocks of shape"):
-        Q.bundle_params(spec, DIMS, names, {**w, o: np.zeros((64, 10), np.uint8)}, "float32")
+        QL.bundle_params(spec, DIMS, names, {**w, o: np.zeros((64, 10), np.uint8)}, "float32")
     with pytest.raises(ModelError, match="expects"):
-        Q.bundle_params(spec, DIMS, names, {**w, ln: np.zeros(3, np.float32)}, "float32")
+        QL.bundle_params(spec, DIMS, names, {**w, ln: np.zeros(3, np.float32)}, "float32")
 
 
 # ---- a synthetic GGUF file with quantized tensors ---------------------------------------------
