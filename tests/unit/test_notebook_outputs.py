@@ -1,5 +1,5 @@
-"""The committed notebooks carry the outputs of a real run, so that a reader who opens them on a code
-host (no kernel) sees the plan table, the plots and the dashboard snapshot. They are refreshed by
+"""The committed notebooks carry the outputs of a real run, so that a reader who opens them on a
+code host (no kernel) sees the plan table, the plots and the dashboard snapshot. They are refreshed by
 scripts/refresh_notebooks.py; tests/integration/test_notebooks.py checks that they run.
 
 Pure: reads the .ipynb files as JSON (no kernel, no nbformat)."""
