@@ -5,10 +5,11 @@ recovery) and control.dashboard (the live view). Every call also works from a sc
 
 Examples
 --------
->>> import control.api as edgert                                       # doctest: +SKIP
->>> session = edgert.connect(boards=2)                                  # doctest: +SKIP
->>> session.plan(batch=4, seq=32)                                       # doctest: +SKIP
->>> run = session.train(steps=20, batch=4, seq=32, run_dir="runs/nb")  # doctest: +SKIP
+>>> from control.api import connect                                     # doctest: +SKIP
+>>> session = connect(boards=2)                                         # doctest: +SKIP
+>>> plan = session.plan(batch=4, seq=32)                                # doctest: +SKIP
+>>> run = session.train(steps=20, batch=4, seq=32, split=plan.to_split(),  # doctest: +SKIP
+...                     run_dir="runs/nb")                                # doctest: +SKIP
 >>> run.dashboard()                                                     # doctest: +SKIP
 >>> run.pause(); run.resume()                                           # doctest: +SKIP
 >>> result = run.result()          # waits for the end                  # doctest: +SKIP

@@ -10,6 +10,10 @@ Used to check edgert's compiled decoder and its GGUF loader. Parameters are HF-n
   an optional key padding mask; scores scaled by ``1/sqrt(d)``.
 * MLP: ``down(silu(gate(x)) * up(x))``; pre-norm residual blocks; final RMSNorm; LM head tied to the
   embedding unless ``lm_head.weight`` is given.
+* LoRA (Hu et al. 2021) on the query, key and value projections, when a layer's params hold
+  ``self_attn.qkv_proj.lora_A`` [r, H] and ``lora_B`` [nq + 2 nkv, r]: the projections of the
+  normed input h gain ``lora_scale * (h A^T) B^T``, whose first nq columns go to q, the next nkv
+  to k, the last nkv to v. Gradients flow to A and B like to any parameter.
 * Loss: mean cross-entropy of token t+1 given tokens <= t over labels != -100.
 """
 
@@ -56,9 +60,11 @@ def attention(q, k, v, group: int, key_mask: torch.Tensor | None) -> torch.Tenso
 class LlamaRef:
     """The reference model; `params` become leaf tensors with ``requires_grad`` for gradients."""
 
-    def __init__(self, cfg, params: dict[str, np.ndarray], dtype=torch.float64):
+    def __init__(self, cfg, params: dict[str, np.ndarray], dtype=torch.float64,
+                 lora_scale: float = 0.0):
         self.cfg = cfg
         self.dtype = dtype
+        self.lora_scale = lora_scale
         self.p = {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=True)
                   for k, v in params.items()}
 
@@ -75,9 +81,16 @@ class LlamaRef:
         for i in layers if layers is not None else range(c.num_hidden_layers):
             L = f"model.layers.{i}."
             h = rms_norm(x, p[L + "input_layernorm.weight"], c.rms_norm_eps)
-            q = (h @ p[L + "self_attn.q_proj.weight"].T).view(B, T, nh, d).transpose(1, 2)
-            k = (h @ p[L + "self_attn.k_proj.weight"].T).view(B, T, nkv, d).transpose(1, 2)
-            v = (h @ p[L + "self_attn.v_proj.weight"].T).view(B, T, nkv, d).transpose(1, 2)
+            q, k, v = (h @ p[L + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+            if L + "self_attn.qkv_proj.lora_A" in p:
+                delta = self.lora_scale * ((h @ p[L + "self_attn.qkv_proj.lora_A"].T)
+                                           @ p[L + "self_attn.qkv_proj.lora_B"].T)
+                q = q + delta[..., :nh * d]
+                k = k + delta[..., nh * d:(nh + nkv) * d]
+                v = v + delta[..., (nh + nkv) * d:]
+            q = q.view(B, T, nh, d).transpose(1, 2)
+            k = k.view(B, T, nkv, d).transpose(1, 2)
+            v = v.view(B, T, nkv, d).transpose(1, 2)
             o = attention(rope(q, cos, sin), rope(k, cos, sin), v, c.group, key_mask)
             x = x + o.transpose(1, 2).reshape(B, T, nh * d) @ p[L + "self_attn.o_proj.weight"].T
             h = rms_norm(x, p[L + "post_attention_layernorm.weight"], c.rms_norm_eps)

@@ -2,15 +2,19 @@
 
 Every run here is 6 steps of real MiniLM training on Rotten Tomatoes (batch 2 x 16 tokens, 2
 micro-batches per step, split 0:3,3:6 on 2 local boards, a checkpoint every 2 steps), and every
-interrupted run must end with the weights of one uninterrupted reference: the same 6 steps in one
+interrupted run must end in the state of one uninterrupted reference: the same 6 steps in one
 process (LocalPipeline), with the data order written out here independently (step s takes the
 2 batches at positions 2(s-1), 2(s-1)+1 of iterate_batches' epoch-0 order).
 
-Tolerance: a run that continues on the same split is the same computation (the boards reproduce
-LocalPipeline, tests/integration/test_cluster.py); a run re-planned onto one board runs stage
-kernels compiled for another split, whose float32 reductions may round differently, so weights are
-compared at rtol 1e-5, atol 1e-6 x max|w| per tensor (6 AdamW steps at lr 1e-4 move weights by
-~1e-4, so a wrong step, a skipped or doubled batch, or lost AdamW moments fail by far more).
+The learning rate warms up over all 6 steps (warmup = steps: lr 1/6, 2/6, .., 6/6 x 1e-4), so
+every step moves the weights, and the comparison covers weights, AdamW moments and the step
+counter (tests/run_util.py [Note: the last step must count]).
+
+Tolerance: none. A recovered run that continues on one board runs stage kernels compiled for
+another split, and the boards run 1 thread where the reference runs 2; neither changes a float32
+operation or its order (measured: bit-identical), so the states must be equal. A wrong step, a
+skipped or doubled batch, or lost AdamW moments fail it; `test_the_comparison_sees_the_last_step`
+shows that even the state one step short of the end fails it.
 """
 
 from __future__ import annotations
@@ -27,17 +31,33 @@ from pathlib import Path
 import pytest
 
 from control.run import Run, RunConfig
-from tests.run_util import assert_same_weights, uninterrupted_params
+from tests.run_util import TrainState, assert_same_state, uninterrupted_state
 
 pytestmark = pytest.mark.slow
 CFG = RunConfig(boards=2, split="0:3,3:6", steps=6, batch=2, seq=16, micro_batches=2, lr=1e-4,
-                checkpoint_every=2, eval_examples=8, timeout_s=60)
+                warmup=6, checkpoint_every=2, eval_examples=8, timeout_s=60)
 
 
 @pytest.fixture(scope="module")
-def reference(minilm_dir, build_root):
-    """Final weights of the uninterrupted run, in one process."""
-    return uninterrupted_params(CFG, minilm_dir, build_root / "faults_k2")
+def references(minilm_dir, build_root):
+    """(final state, state one step before) of the uninterrupted run, in one process."""
+    return uninterrupted_state(CFG, minilm_dir, build_root / "faults_k2")
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references[0]
+
+
+def test_the_comparison_sees_the_last_step(references):
+    """The test of the tests below: a run one step short fails the comparison, in its weights
+    alone too (with the default schedule, whose last lr is 0, the weights would be equal)."""
+    final, before_last = references
+    with pytest.raises(AssertionError, match="optimizer step 5, want 6"):
+        assert_same_state(before_last, final)
+    short = TrainState(before_last.params, final.opt, final.step)   # only the weights are short
+    with pytest.raises(AssertionError, match="weight tensors differ"):
+        assert_same_state(short, final)
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -81,7 +101,7 @@ def test_kill_9_a_board_mid_run_recovers_by_itself(tmp_path, reference):
     assert any(e["kind"] == "board" and e["name"] == "board0" and e["alive"] is False
                for e in events(run.dir))
     print(f"recovery {rec['seconds']:.1f} s, {rec['steps_redone']} step(s) redone")
-    assert_same_weights(run.final_params(), reference)
+    assert_same_state(TrainState.of_checkpoint(run.latest_checkpoint()), reference)
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
@@ -151,7 +171,7 @@ def test_ctrl_c_then_kill_9_controller_then_resume(tmp_path, reference):
     assert evs[-1]["kind"] == "state" and evs[-1]["state"] == "finished"
 
     run = Run(CFG, out)            # same config: opens the directory, nothing runs
-    assert_same_weights(run.final_params(), reference)
+    assert_same_state(TrainState.of_checkpoint(run.latest_checkpoint()), reference)
 
     # the report: plots, and metrics equal to the events (the last value of a redone step)
     html = (out / "report.html").read_text()

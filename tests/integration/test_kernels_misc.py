@@ -125,6 +125,64 @@ def test_dropout_hash_small_unrolled_shape():
     _close(got, keep_mask_numpy(M * Nn, 1234, 3, p).reshape(M, Nn), atol=1e-6)
 
 
+Z = 5.0           # binomial bounds at 5 standard deviations: a false alarm has odds ~6e-7 per check
+
+
+def _assert_dropout_statistics(y: np.ndarray, p: float, blocks: int = 16) -> None:
+    """`y` = dropout applied to ones: every element is 0 or exactly float32(1 / (1 - p)); the
+    dropped count of all n elements, and of each of `blocks` contiguous runs of the flat index,
+    is within Z standard deviations of Binomial(count, p)."""
+    scale = np.float32(1.0 / (1.0 - p))
+    flat = y.reshape(-1)
+    assert np.all((flat == 0) | (flat == scale)), "kept elements must be scaled by 1/(1-p)"
+    for part in [flat, *np.array_split(flat, blocks)]:
+        n, dropped = part.size, int(np.count_nonzero(part == 0))
+        sd = math.sqrt(n * p * (1 - p))
+        assert abs(dropped - n * p) <= Z * sd, \
+            f"dropped {dropped} of {n} (p = {p}: expected {n * p:.0f} +- {Z * sd:.0f})"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
+def test_dropout_drops_p_and_scales_the_rest(p):
+    """The compiled dropout mask (counter hash of seed, salt, element index) over 2^18 elements,
+    for two seeds and two salts: drops p of them (binomial bound above, overall and per 1/16 of
+    the index range, so a rate that is right only on average fails), scales the kept ones by
+    exactly 1/(1-p), and masks of another seed or salt are independent of it (both drop an
+    element with probability p^2, same bound)."""
+    M, Nn = 256, 1024
+    ones = np.ones((M, Nn), "float32")
+    masks = []
+    for salt in (7, 8):
+        k = K(E.build_dropout(M, Nn, p=p, salt=salt, arch=HOST), [((M, Nn), "float32")])
+        for seed in (SEED, SEED + 1):
+            y = k(ones, np.array([seed, 1], "int64"))
+            _assert_dropout_statistics(y, p)
+            masks.append(y == 0)
+    n = M * Nn
+    for a, b in ((0, 1), (0, 2), (1, 3)):                    # other seed; other salt; both
+        both = int(np.count_nonzero(masks[a] & masks[b]))
+        sd = math.sqrt(n * p * p * (1 - p * p))
+        assert abs(both - n * p * p) <= Z * sd, (a, b, both, n * p * p)
+    bound = Z * math.sqrt(p * (1 - p) / n)
+    print(f"p = {p}: dropped share {np.mean(masks[0]):.4f} (bound +- {bound:.4f})")
+
+
+def test_dropout_statistics_check_can_fail():
+    """The test of the test: a threshold off by 5% of p, a mask right only on average (the first
+    p of the elements dropped), and an unscaled kept value each fail the check."""
+    n, p = 1 << 18, 0.1
+    off = np.where(keep_mask_numpy(n, SEED, 7, 1.05 * p) > 0, 1 / (1 - p), 0).astype("float32")
+    with pytest.raises(AssertionError, match="dropped"):
+        _assert_dropout_statistics(off, p)
+    ordered = np.full(n, 1 / (1 - p), "float32")
+    ordered[: int(n * p)] = 0
+    with pytest.raises(AssertionError, match="dropped"):
+        _assert_dropout_statistics(ordered, p)
+    unscaled = np.where(keep_mask_numpy(n, SEED, 7, p) > 0, 1.0, 0.0).astype("float32")
+    with pytest.raises(AssertionError, match="scaled by 1/"):
+        _assert_dropout_statistics(unscaled, p)
+
+
 def test_tanh_f32_and_fd_f64():
     M, Nn = 7, 13
     x = rng.standard_normal((M, Nn)).astype("float32")

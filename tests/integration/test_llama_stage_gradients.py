@@ -4,11 +4,12 @@ Real SmolLM2-135M-Instruct weights (`compiler.gguf.load_gguf`), truncated to its
 (plus embedding, final norm and the tied head) so that compiling stays within CI budget; every
 layer is the same code path. A real batch of Cornell movie dialog, 2 x 16 tokens, right-padded.
 
-* K = 1 (float32): loss and every parameter gradient within 1e-4 relative
-  (||g - g_ref|| / ||g_ref||).
-* K = 3 (one layer per stage, hidden state and its gradient passed between stages): same bound;
+* K = 1 (float32): every parameter gradient within 1e-4 relative (||g - g_ref|| / ||g_ref||;
+  observed worst 4.1e-6), the loss within 2e-6 (observed 9.9e-8).
+* K = 3 (one layer per stage, hidden state and its gradient passed between stages): same bounds;
   the tied head's copy on the last stage plus the embedding's gradient equals the reference's.
-* A float64 build of a 2-stage split: 1e-9 relative (checks the math apart from float32 rounding).
+* A float64 build of a 2-stage split: gradients within 1e-11 relative (observed 1.9e-13), the loss
+  within 1e-14 (observed 4.2e-16): checks the math apart from float32 rounding.
 * The full 30-layer model (K = 1, 2 x 32 tokens): no float32 implementation meets 1e-4 on every
   tensor there (torch float32 reaches 4.9e-4 on the worst), so each gradient must be within
   max(1e-4, 1.5 x torch float32's own error) of the float64 reference.
@@ -94,10 +95,11 @@ def _run(cfg, params, batch, splits, dtype):
     return loss, grads
 
 
-def _check(setup, splits, dtype="float32", REL=REL):
+def _check(setup, splits, dtype="float32", REL=REL, LOSS_REL=2e-6):
     cfg, params, batch, ref_loss, ref_grads = setup
     loss, grads = _run(cfg, params, batch, splits, dtype)
-    assert abs(loss - ref_loss) <= REL * abs(ref_loss), (loss, ref_loss)
+    print(f"{dtype} splits {splits}: loss relative error {abs(loss - ref_loss) / ref_loss:.1e}")
+    assert abs(loss - ref_loss) <= LOSS_REL * abs(ref_loss), (loss, ref_loss)
     assert set(grads) == set(ref_grads)
     errs = {k: np.linalg.norm(grads[k] - ref_grads[k]) / np.linalg.norm(ref_grads[k])
             for k in grads}
@@ -121,7 +123,7 @@ def test_decoder_k3_gradients_match_reference(setup):
 @pytest.mark.slow
 def test_decoder_float64_build_matches_reference_exactly(setup):
     """The same graph built in float64 checks the mathematics independently of float32 rounding."""
-    _check(setup, [(0, 2), (2, 3)], dtype="float64", REL=1e-9)
+    _check(setup, [(0, 2), (2, 3)], dtype="float64", REL=1e-11, LOSS_REL=1e-14)
 
 
 @pytest.mark.slow

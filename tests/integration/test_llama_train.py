@@ -1,5 +1,6 @@
 """Decoder (SmolLM2) stage bundles run by LocalPipeline: forward across K = 1 / 2 stages vs the
-float64 reference, greedy generation vs the reference's tokens, and causal-LM training steps.
+float64 reference, greedy generation vs the reference's tokens, LoRA with non-zero factors (loss
+and the factors' gradients) vs the float64 reference's own LoRA, and causal-LM training steps.
 
 Real SmolLM2-135M-Instruct weights truncated to their first 2 layers (a real sub-model; every layer
 is the same code path), real movie-dialog text tokenised with the GGUF tokenizer, 2 x 16 tokens.
@@ -31,14 +32,19 @@ def batches(dec):
     return lm_batches(corpus_blocks(dec.tokenizer_file, T, 4 * B), B)
 
 
+@pytest.fixture(scope="module")
+def lora_bundles(dec, build_root):
+    """LoRA r 8, alpha 16 (scale 2) stage bundles for K = 1 and 2."""
+    return {k: compile_decoder_bundles(dec, build_root / f"lm{k}", stages=k, lora=8, batch=B,
+                                       seq=T) for k in (1, 2)}
+
+
 @pytest.mark.slow
-def test_lora_bundles_k1_k2_match_reference_and_generate(dec, batches, build_root):
+def test_lora_bundles_k1_k2_match_reference_and_generate(dec, batches, lora_bundles):
     from tests.reference_llama import LlamaRef
 
-    p1 = LocalPipeline(compile_decoder_bundles(dec, build_root / "lm1", stages=1, lora=8,
-                                               batch=B, seq=T))
-    p2 = LocalPipeline(compile_decoder_bundles(dec, build_root / "lm2", stages=2, lora=8,
-                                               batch=B, seq=T))
+    p1 = LocalPipeline(lora_bundles[1])
+    p2 = LocalPipeline(lora_bundles[2])
     assert [st.manifest.stage["num_stages"] for st in p2.stages] == [2, 2]
     # LoRA trains only its factors: every base weight (tied embedding/head included) is frozen
     for st in p2.stages:
@@ -59,6 +65,79 @@ def test_lora_bundles_k1_k2_match_reference_and_generate(dec, batches, build_roo
     # seeded sampling is reproducible and differs from nothing in shape
     s1 = generate(p2, prompt, 4, temperature=0.8, seed=3)
     assert s1 == generate(p2, prompt, 4, temperature=0.8, seed=3) and len(s1) == 4
+
+
+LORA_SCALE = 16 / 8         # alpha / rank of lora_bundles
+LORA_REL = 1e-4             # factor gradients, float32 stages vs float64: observed worst 5.2e-6
+LORA_LOSS_REL = 1e-6        # loss: observed 2.5e-8
+
+
+def _nonzero_lora(pipe, seed: int = 3) -> dict[str, np.ndarray]:
+    """Set every LoRA B factor to N(0, 0.2^2) (A keeps its seeded init); return all params."""
+    params = pipe.params()
+    rng = np.random.default_rng(seed)
+    for n in params:
+        if n.endswith("lora_B"):
+            params[n] = (0.2 * rng.standard_normal(params[n].shape)).astype(np.float32)
+    pipe.load_state(params, None, 0)
+    return params
+
+
+def _check_lora_against_reference(dec, pipe, params, batch, scale: float) -> float:
+    """Loss and every LoRA factor's gradient of `pipe` vs tests/reference_llama.py with LoRA at
+    `scale`, within LORA_LOSS_REL and LORA_REL (per tensor ||g - g_ref|| / ||g_ref||); returns
+    the worst gradient error."""
+    from tests.reference_llama import LlamaRef
+
+    loss, per_stage = pipe.grads(batch)
+    grads = {k: v for g in per_stage for k, v in g.items()}
+    assert grads and all(".lora_" in n for n in grads)          # only the factors train
+    lora = {n: params[n] for n in grads}
+    ref = LlamaRef(dec.config, {**dec.params, **lora}, lora_scale=scale)
+    ref_loss, ref_grads = ref.grads(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    print(f"LoRA at scale {scale}: loss relative error {abs(loss - ref_loss) / ref_loss:.1e}")
+    assert abs(loss - ref_loss) <= LORA_LOSS_REL * abs(ref_loss), (loss, ref_loss)
+    errs = {n: float(np.linalg.norm(g - ref_grads[n]) / np.linalg.norm(ref_grads[n]))
+            for n, g in grads.items()}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= LORA_REL, (worst, errs[worst])
+    return errs[worst]
+
+
+@pytest.fixture(scope="module")
+def padded_batch(dec):
+    from tests.reference_llama import movie_dialog_batch
+
+    b = movie_dialog_batch(dec.tokenizer_file, B, T)
+    assert b["attention_mask"].sum(1).min() < T, "want a padded row"
+    return b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+def test_lora_with_nonzero_factors_matches_float64_reference(k, dec, lora_bundles, padded_batch):
+    """B != 0, so LoRA changes the model: the compiled LoRA path (scale, factor layout, q/k/v
+    column split, dA and dB) against the reference's own LoRA, not against another compiled
+    stage. The LoRA term must move the loss far more than the tolerance."""
+    pipe = LocalPipeline(lora_bundles[k])
+    base = pipe.predict(padded_batch)[0]
+    params = _nonzero_lora(pipe)
+    worst = _check_lora_against_reference(dec, pipe, params, padded_batch, LORA_SCALE)
+    lora_loss = pipe.predict(padded_batch)[0]
+    print(f"K={k}: loss {base:.5f} -> {lora_loss:.5f} with LoRA; worst factor gradient error "
+          f"{worst:.1e}")
+    assert abs(lora_loss - base) > 1e4 * LORA_LOSS_REL * abs(base)
+
+
+@pytest.mark.slow
+def test_lora_check_catches_a_wrong_scale(dec, lora_bundles, padded_batch):
+    """The test of the test: the same check with the reference at another LoRA scale (alpha
+    instead of alpha / r; no scale; 1% off) fails, so a compiled scale that wrong would too."""
+    pipe = LocalPipeline(lora_bundles[1])
+    params = _nonzero_lora(pipe)
+    for wrong in (16.0, 1.0, 1.01 * LORA_SCALE):
+        with pytest.raises(AssertionError):
+            _check_lora_against_reference(dec, pipe, params, padded_batch, wrong)
 
 
 @pytest.mark.slow
