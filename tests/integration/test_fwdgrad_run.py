@@ -59,7 +59,7 @@ CLI = ["fwdgrad", "--in-process", "--clients", "2", "--method", "head", "--batch
 
 
 def _cli(out) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgert", *CLI, "--out", str(out)],
+    return subprocess.Popen([sys.executable, "-m", "control", *CLI, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
